@@ -1,0 +1,256 @@
+"""The negative ELBO of masked diffusion and the training surrogate whose gradient is unbiased for it.
+
+Generative model (what the bound is a bound of): z_1 ~ prior, where each token is masked with
+probability 1 - a1 and otherwise uniform over the vocabulary (a1 = the schedule's alpha(1) = eps);
+reverse steps from t to s unmask a masked token to v with probability
+(alpha_v(s) - alpha_v(t)) / (1 - alpha_v(t)) * mu_v(z_t, t); at t = 0 tokens still masked are decoded
+uniformly. With the eps squeeze the two end terms are exact, deterministic and O(eps L log V):
+  reconstruction  sum_i (1 - alpha_{x_i}(0)) log V
+  prior           sum_i KL(q(z_1i | x_i) || p(z_1i)).
+The diffusion term is estimated by Monte Carlo over (t, z_t):
+  continuous time  integral_0^1 E sum_{i masked} sum_v gamma_v(t) [mu_iv - delta(x_i, v)(log mu_iv + 1)]
+                   with gamma_v = -alpha_v' / (1 - alpha_v); for a state-independent schedule this is
+                   gamma(t) sum_{i masked} -log mu_i(x_i);
+  T-step discrete  T E_i sum_{i masked} KL(q(z_s | z_t, x) || p(z_s | z_t)) over t = i/T, s = (i-1)/T.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from md4.schedules import Schedule, StateDependentPoly, rate
+
+Array = jax.Array
+AnySchedule = Schedule | StateDependentPoly
+DenoiseFn = Callable[[Array, Array], Array]
+
+
+def check_tokens(x: Array, vocab_size: int, *, allow_mask: bool = False, name: str = "x") -> None:
+  """Raises ValueError unless x: int[B, *S] holds ids in [0, vocab_size) ([0, vocab_size] with masks).
+
+  Values are checked only when x is concrete; under jit only dtype and rank can be checked.
+  """
+  if not isinstance(vocab_size, int) or vocab_size < 1:
+    raise ValueError(f"vocab_size must be a positive int, got {vocab_size!r}")
+  if not jnp.issubdtype(jnp.result_type(x), jnp.integer):
+    raise ValueError(f"{name} must hold integer token ids, got dtype {jnp.result_type(x)}")
+  if jnp.ndim(x) < 2:
+    raise ValueError(f"{name} must have shape [batch, *positions], got shape {jnp.shape(x)}")
+  if isinstance(x, jax.core.Tracer):
+    return
+  top = vocab_size if allow_mask else vocab_size - 1
+  values = np.asarray(x)  # Host-side: jnp ops here would be staged out under an outer jit.
+  lo, hi = int(values.min()), int(values.max())
+  if lo < 0 or hi > top:
+    bad = lo if lo < 0 else hi
+    raise ValueError(f"{name} holds the id {bad}, outside [0, {top}] for vocab_size={vocab_size}"
+                     + (" (the mask id is vocab_size)" if allow_mask else ""))
+
+
+def check_schedule(schedule: AnySchedule, vocab_size: int) -> None:
+  if not isinstance(schedule, (Schedule, StateDependentPoly)):
+    raise ValueError(f"schedule must come from md4.schedules, got {schedule!r}")
+  if schedule.state_dependent and schedule.vocab_size != vocab_size:
+    raise ValueError(f"StateDependentPoly has {schedule.vocab_size} exponents but vocab_size is "
+                     f"{vocab_size}")
+
+
+def sample_times(rng: Array, batch_size: int, *, antithetic: bool = True) -> Array:
+  """t: float32[B] uniform on [0, 1); antithetic = one uniform shifted by k/B (stratified)."""
+  if antithetic:
+    u = jax.random.uniform(rng, ())
+    return jnp.mod(u + jnp.arange(batch_size, dtype=jnp.float32) / batch_size, 1.0)
+  return jax.random.uniform(rng, (batch_size,))
+
+
+def _per_example(values: Array, x: Array) -> Array:
+  """Broadcasts per-example values: float32[B] over the positions of x: int[B, *S]."""
+  return jnp.broadcast_to(values.reshape((x.shape[0],) + (1,) * (x.ndim - 1)), x.shape)
+
+
+def _per_token(values: Array, schedule: AnySchedule, x: Array) -> Array:
+  """Selects schedule values at each token's own value.
+
+  values: float32[B] (state-independent) or float32[B, V]; x: int[B, *S] -> float32[B, *S].
+  """
+  if not schedule.state_dependent:
+    return _per_example(values, x)
+  lead = (x.shape[0],) + (1,) * (x.ndim - 1)
+  return jnp.take_along_axis(values.reshape(lead + (-1,)), x[..., None], axis=-1)[..., 0]
+
+
+def forward_mask(rng: Array, x: Array, keep_prob: Array, mask_id: int) -> Array:
+  """z_t: each token of x: int[B, *S] stays with probability keep_prob (broadcastable), else mask_id."""
+  keep = jax.random.uniform(rng, x.shape) < keep_prob
+  return jnp.where(keep, x, mask_id).astype(jnp.int32)
+
+
+def end_terms(x: Array, schedule: AnySchedule, vocab_size: int) -> Array:
+  """Reconstruction (t = 0) plus prior (t = 1) terms in nats: float32[B]."""
+  b = x.shape[0]
+  log_v = math.log(vocab_size)
+  a0 = _per_token(schedule.alpha(jnp.zeros((b,))), schedule, x)
+  alpha1 = schedule.alpha(jnp.ones((b,)))
+  a1 = _per_token(alpha1, schedule, x)
+  # The prior keeps a token unmasked (then uniform) with the vocabulary-average alpha(1).
+  a1_bar = _per_example(alpha1.mean(-1) if schedule.state_dependent else alpha1, x)
+  prior = a1 * (jnp.log(a1) + log_v - jnp.log(a1_bar)) + (1.0 - a1) * (
+      jnp.log1p(-a1) - jnp.log1p(-a1_bar))
+  return ((1.0 - a0) * log_v + prior).reshape(b, -1).sum(-1)
+
+
+def _masked_sum(masked: Array, per_pos: Array) -> Array:
+  b = masked.shape[0]
+  return jnp.where(masked, per_pos, 0.0).reshape(b, -1).sum(-1)
+
+
+def _scale(weight: Array, total: Array) -> Array:
+  # An infinite weight (t = 0 exactly, where dalpha may diverge) meets nothing masked: 0, not nan.
+  return jnp.where(total == 0.0, 0.0, weight * total)
+
+
+def _diffusion_continuous(logp, x, masked, t, schedule):
+  gamma = rate(schedule, t)
+  logp_x = jnp.take_along_axis(logp, x[..., None], axis=-1)[..., 0]
+  if not schedule.state_dependent:
+    return _scale(gamma, _masked_sum(masked, -logp_x))
+  b = x.shape[0]
+  g = gamma.reshape((b,) + (1,) * (x.ndim - 1) + (-1,))
+  g_x = jnp.take_along_axis(g, x[..., None], axis=-1)[..., 0]
+  per_pos = (g * jnp.exp(logp)).sum(-1) - g_x * (logp_x + 1.0)
+  return _masked_sum(masked, per_pos)
+
+
+def _diffusion_discrete(logp, x, masked, t, s, schedule, timesteps):
+  a_t, a_s = schedule.alpha(t), schedule.alpha(s)
+  r = (a_s - a_t) / (1.0 - a_t)  # step unmasking probability, [B] or [B, V]
+  logp_x = jnp.take_along_axis(logp, x[..., None], axis=-1)[..., 0]
+  if not schedule.state_dependent:
+    return timesteps * r * _masked_sum(masked, -logp_x)
+  b = x.shape[0]
+  r = r.reshape((b,) + (1,) * (x.ndim - 1) + (-1,))
+  r_x = jnp.take_along_axis(r, x[..., None], axis=-1)[..., 0]
+  stay_model = 1.0 - (r * jnp.exp(logp)).sum(-1)
+  kl = -r_x * logp_x + (1.0 - r_x) * (jnp.log1p(-r_x) - jnp.log(stay_model))
+  return timesteps * _masked_sum(masked, kl)
+
+
+def _draw(x, rng, schedule, vocab_size, timesteps, antithetic):
+  """One draw of (t, s, z_t): t, s: float32[B]; z: int32[B, *S]."""
+  k_t, k_z = jax.random.split(rng)
+  t = sample_times(k_t, x.shape[0], antithetic=antithetic)
+  s = None
+  if timesteps is not None:
+    i = jnp.clip(jnp.ceil(t * timesteps), 1, timesteps)
+    t, s = i / timesteps, (i - 1.0) / timesteps
+  z = forward_mask(k_z, x, _per_token(schedule.alpha(t), schedule, x), vocab_size)
+  return t, s, z
+
+
+def _call(denoise_fn, z, t, x, vocab_size):
+  logits = denoise_fn(z, t)
+  if logits.shape != x.shape + (vocab_size,):
+    raise ValueError(f"denoise_fn returned logits of shape {logits.shape}; expected "
+                     f"{x.shape + (vocab_size,)} (x's shape plus vocab_size)")
+  return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+
+
+def _diffusion(logp, x, z, t, s, schedule, vocab_size, timesteps):
+  masked = z == vocab_size
+  if timesteps is None:
+    return _diffusion_continuous(logp, x, masked, t, schedule)
+  return _diffusion_discrete(logp, x, masked, t, s, schedule, timesteps)
+
+
+def _check_all(x, schedule, vocab_size, timesteps=None, num_samples=1):
+  check_tokens(x, vocab_size)
+  check_schedule(schedule, vocab_size)
+  if timesteps is not None and (not isinstance(timesteps, int) or timesteps < 1):
+    raise ValueError(f"timesteps must be None (continuous time) or an int >= 1, got {timesteps!r}")
+  if not isinstance(num_samples, int) or num_samples < 1:
+    raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}")
+
+
+def nelbo(denoise_fn: DenoiseFn, x: Array, rng: Array, schedule: AnySchedule, *, vocab_size: int,
+          num_samples: int = 1, timesteps: int | None = None, antithetic: bool = True) -> Array:
+  """Unbiased Monte Carlo estimate of the negative ELBO in nats per example: float32[B].
+
+  Args:
+    denoise_fn: (z_t: int32[B, *S], t: float32[B]) -> float32[B, *S, vocab_size] logits of x.
+    x: int32[B, *S] data, ids in [0, vocab_size).
+    rng: PRNG key.
+    schedule: from md4.schedules (state-independent or StateDependentPoly).
+    vocab_size: V; the mask id is V.
+    num_samples: draws of (t, z_t) averaged per example.
+    timesteps: None for the continuous-time bound, or T for the T-step discrete-time bound.
+    antithetic: stratify t across the batch (lower variance, still unbiased per example).
+  """
+  _check_all(x, schedule, vocab_size, timesteps, num_samples)
+
+  def one(key):
+    t, s, z = _draw(x, key, schedule, vocab_size, timesteps, antithetic)
+    logp = _call(denoise_fn, z, t, x, vocab_size)
+    return _diffusion(logp, x, z, t, s, schedule, vocab_size, timesteps)
+
+  diffusion = jax.lax.map(one, jax.random.split(rng, num_samples)).mean(0)
+  return diffusion + end_terms(x, schedule, vocab_size)
+
+
+def _log_keep_prob(x, z, t, schedule, vocab_size):
+  """log q(z_t | x): float32[B]."""
+  a = _per_token(schedule.alpha(t), schedule, x)
+  return _masked_sum(z == vocab_size, jnp.log1p(-a)) + _masked_sum(z != vocab_size, jnp.log(a))
+
+
+def training_loss(denoise_fn: DenoiseFn, x: Array, rng: Array, schedule: AnySchedule, *,
+                  vocab_size: int, antithetic: bool = True, network_masks: int = 2) -> Array:
+  """Per-example surrogate: float32[B]; its value estimates nelbo and its gradient is unbiased.
+
+  For a state-independent schedule this is `nelbo` with one sample. For StateDependentPoly (GenMD4) two
+  masks z1, z2 are drawn at the same t; the gradient w.r.t. the exponents gets the pathwise term plus
+  the leave-one-out REINFORCE term 1/2 (f1 - f2) grad(log q(z1|x) - log q(z2|x)).
+
+  Args:
+    network_masks: GenMD4 only: 2 averages the network-gradient term over both masks (what the paper's
+      code does: in effect twice the batch), 1 uses z1 alone, z2 serving only as the baseline.
+  """
+  _check_all(x, schedule, vocab_size)
+  if not schedule.state_dependent:
+    return nelbo(denoise_fn, x, rng, schedule, vocab_size=vocab_size, antithetic=antithetic)
+  if network_masks not in (1, 2):
+    raise ValueError(f"network_masks must be 1 or 2, got {network_masks!r}")
+  k_t, k_1, k_2 = jax.random.split(rng, 3)
+  b = x.shape[0]
+  t = sample_times(k_t, b, antithetic=antithetic)
+  keep = _per_token(schedule.alpha(t), schedule, x)
+  z1 = forward_mask(k_1, x, keep, vocab_size)
+  z2 = forward_mask(k_2, x, keep, vocab_size)
+  # One network call on the stacked batch: better device utilisation than two calls.
+  both = jnp.concatenate([x, x])
+  logp = _call(denoise_fn, jnp.concatenate([z1, z2]), jnp.concatenate([t, t]), both, vocab_size)
+  logp1, logp2 = logp[:b], logp[b:]
+  if network_masks == 1:
+    logp2 = jax.lax.stop_gradient(logp2)
+  ends = end_terms(x, schedule, vocab_size)
+  f1 = _diffusion(logp1, x, z1, t, None, schedule, vocab_size, None) + ends
+  f2 = _diffusion(logp2, x, z2, t, None, schedule, vocab_size, None) + ends
+  value = f1 if network_masks == 1 else 0.5 * (f1 + f2)
+  score = _log_keep_prob(x, z1, t, schedule, vocab_size) - _log_keep_prob(
+      x, z2, t, schedule, vocab_size)
+  rloo = 0.5 * jax.lax.stop_gradient(f1 - f2) * score
+  return value + rloo - jax.lax.stop_gradient(rloo)
+
+
+def bits_per_token(nelbo_nats: Array, num_tokens: int | Array) -> Array:
+  """Nats per example -> bits per token (char, dim): nelbo / (num_tokens ln 2)."""
+  return nelbo_nats / (num_tokens * math.log(2.0))
+
+
+def perplexity(nelbo_nats: Array, num_tokens: int | Array) -> Array:
+  """Nats per example -> perplexity exp(nelbo / num_tokens)."""
+  return jnp.exp(nelbo_nats / num_tokens)

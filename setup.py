@@ -1,0 +1,36 @@
+"""md4: masked (absorbing-state) discrete diffusion in JAX: MD4 and GenMD4 (Shi et al., NeurIPS 2024)."""
+
+from setuptools import find_packages, setup
+
+INSTALL_REQUIRES = [
+    "jax==0.10.2",
+    "jaxlib==0.10.2",
+    "flax==0.12.8",
+    "optax==0.2.8",
+    "orbax-checkpoint==0.12.8",
+    "ml_collections==1.1.0",
+    "clu==0.0.12",
+    "grain==0.2.18",
+    "sentencepiece==0.2.3",
+    "tensorflow-datasets==4.9.10",
+    "importlib_resources==7.1.0",
+    "absl-py==2.5.1",
+    "numpy==2.4.6",
+    "tqdm==4.70.1",
+    "pillow==12.1.1",
+]
+
+setup(
+    name="md4",
+    version="0.1.0",
+    description=__doc__,
+    python_requires=">=3.11",
+    packages=find_packages(include=["md4", "md4.*"]),
+    package_data={"md4.data": ["demo/*.xz", "demo/*.npz"]},
+    install_requires=INSTALL_REQUIRES,
+    extras_require={
+        "test": ["pytest==9.2.0", "scipy==1.17.1"],
+        "tf": ["tensorflow-cpu==2.21.0", "tensorboard==2.21.0"],
+    },
+    entry_points={"console_scripts": ["md4=md4.main:run"]},
+)
