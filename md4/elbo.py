@@ -84,10 +84,30 @@ def _per_token(values: Array, schedule: AnySchedule, x: Array) -> Array:
   return jnp.take_along_axis(values.reshape(lead + (-1,)), x[..., None], axis=-1)[..., 0]
 
 
-def forward_mask(rng: Array, x: Array, keep_prob: Array, mask_id: int) -> Array:
-  """z_t: each token of x: int[B, *S] stays with probability keep_prob (broadcastable), else mask_id."""
-  keep = jax.random.uniform(rng, x.shape) < keep_prob
-  return jnp.where(keep, x, mask_id).astype(jnp.int32)
+def _typed(rng: Array) -> Array:
+  if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
+    return rng
+  return jax.random.wrap_key_data(rng)
+
+
+def example_keys(rng: Array, batch_size: int) -> Array:
+  """Typed keys [B]: rng split B ways, or rng itself when it already holds one key per example."""
+  rng = _typed(rng)
+  if rng.shape == ():
+    return jax.random.split(rng, batch_size)
+  if rng.shape == (batch_size,):
+    return rng
+  raise ValueError(f"rng must be one key or one key per example ({batch_size}), got key shape "
+                   f"{rng.shape}")
+
+
+def forward_mask(keys: Array, x: Array, keep_prob: Array, mask_id: int) -> Array:
+  """z_t: each token of x: int[B, *S] stays with probability keep_prob (broadcastable), else mask_id.
+
+  keys: one typed key per example, so an example's mask does not depend on its batch.
+  """
+  u = jax.vmap(lambda k: jax.random.uniform(k, x.shape[1:]))(keys)
+  return jnp.where(u < keep_prob, x, mask_id).astype(jnp.int32)
 
 
 def end_terms(x: Array, schedule: AnySchedule, vocab_size: int) -> Array:
@@ -140,15 +160,35 @@ def _diffusion_discrete(logp, x, masked, t, s, schedule, timesteps):
   return timesteps * _masked_sum(masked, kl)
 
 
-def _draw(x, rng, schedule, vocab_size, timesteps, antithetic):
+def _times_and_keys(x, rng, antithetic, times):
+  """t: float32[B] and one mask key per example.
+
+  From one key: t is stratified across the batch (if antithetic). From per-example keys: each
+  example's t comes from its own key unless `times` is given (the trainer passes t stratified over
+  the global batch, so that microbatching and sharding change nothing).
+  """
+  b = x.shape[0]
+  if times is not None:
+    if jnp.shape(times) != (b,):
+      raise ValueError(f"times must have shape ({b},), got {jnp.shape(times)}")
+    return jnp.asarray(times, jnp.float32), example_keys(rng, b)
+  rng = _typed(rng)
+  if rng.shape == ():
+    k_t, k_z = jax.random.split(rng)
+    return sample_times(k_t, b, antithetic=antithetic), example_keys(k_z, b)
+  keys = example_keys(rng, b)
+  t = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, 0)))(keys)
+  return t, jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
+
+
+def _draw(x, rng, schedule, vocab_size, timesteps, antithetic, times=None):
   """One draw of (t, s, z_t): t, s: float32[B]; z: int32[B, *S]."""
-  k_t, k_z = jax.random.split(rng)
-  t = sample_times(k_t, x.shape[0], antithetic=antithetic)
+  t, keys = _times_and_keys(x, rng, antithetic, times)
   s = None
   if timesteps is not None:
     i = jnp.clip(jnp.ceil(t * timesteps), 1, timesteps)
     t, s = i / timesteps, (i - 1.0) / timesteps
-  z = forward_mask(k_z, x, _per_token(schedule.alpha(t), schedule, x), vocab_size)
+  z = forward_mask(keys, x, _per_token(schedule.alpha(t), schedule, x), vocab_size)
   return t, s, z
 
 
@@ -177,27 +217,39 @@ def _check_all(x, schedule, vocab_size, timesteps=None, num_samples=1):
 
 
 def nelbo(denoise_fn: DenoiseFn, x: Array, rng: Array, schedule: AnySchedule, *, vocab_size: int,
-          num_samples: int = 1, timesteps: int | None = None, antithetic: bool = True) -> Array:
+          num_samples: int = 1, timesteps: int | None = None, antithetic: bool = True,
+          times: Array | None = None) -> Array:
   """Unbiased Monte Carlo estimate of the negative ELBO in nats per example: float32[B].
 
   Args:
     denoise_fn: (z_t: int32[B, *S], t: float32[B]) -> float32[B, *S, vocab_size] logits of x.
     x: int32[B, *S] data, ids in [0, vocab_size).
-    rng: PRNG key.
+    rng: one PRNG key, or one key per example (key shape [B]): then each example's draws depend
+      on its own key alone, whatever batch it sits in.
     schedule: from md4.schedules (state-independent or StateDependentPoly).
     vocab_size: V; the mask id is V.
     num_samples: draws of (t, z_t) averaged per example.
     timesteps: None for the continuous-time bound, or T for the T-step discrete-time bound.
-    antithetic: stratify t across the batch (lower variance, still unbiased per example).
+    antithetic: stratify t across the batch (lower variance, still unbiased per example); applies
+      when rng is one key.
+    times: optional float32[B] times to use instead of drawing them (num_samples must be 1).
   """
   _check_all(x, schedule, vocab_size, timesteps, num_samples)
+  if times is not None and num_samples != 1:
+    raise ValueError("times can be given only with num_samples=1")
 
   def one(key):
-    t, s, z = _draw(x, key, schedule, vocab_size, timesteps, antithetic)
+    t, s, z = _draw(x, key, schedule, vocab_size, timesteps, antithetic, times)
     logp = _call(denoise_fn, z, t, x, vocab_size)
     return _diffusion(logp, x, z, t, s, schedule, vocab_size, timesteps)
 
-  diffusion = jax.lax.map(one, jax.random.split(rng, num_samples)).mean(0)
+  rng = _typed(rng)
+  if rng.shape == ():
+    keys = jax.random.split(rng, num_samples)
+  else:  # [num_samples, B]: sample j of example b from fold_in(key_b, j).
+    keys = jax.vmap(lambda j: jax.vmap(lambda k: jax.random.fold_in(k, j))(rng))(
+        jnp.arange(num_samples))
+  diffusion = jax.lax.map(one, keys).mean(0)
   return diffusion + end_terms(x, schedule, vocab_size)
 
 
@@ -208,28 +260,29 @@ def _log_keep_prob(x, z, t, schedule, vocab_size):
 
 
 def training_loss(denoise_fn: DenoiseFn, x: Array, rng: Array, schedule: AnySchedule, *,
-                  vocab_size: int, antithetic: bool = True, network_masks: int = 2) -> Array:
+                  vocab_size: int, antithetic: bool = True, network_masks: int = 2,
+                  times: Array | None = None) -> Array:
   """Per-example surrogate: float32[B]; its value estimates nelbo and its gradient is unbiased.
 
   For a state-independent schedule this is `nelbo` with one sample. For StateDependentPoly (GenMD4) two
   masks z1, z2 are drawn at the same t; the gradient w.r.t. the exponents gets the pathwise term plus
   the leave-one-out REINFORCE term 1/2 (f1 - f2) grad(log q(z1|x) - log q(z2|x)).
 
-  Args:
+  Args as for `nelbo`, and
     network_masks: GenMD4 only: 2 averages the network-gradient term over both masks (what the paper's
       code does: in effect twice the batch), 1 uses z1 alone, z2 serving only as the baseline.
   """
   _check_all(x, schedule, vocab_size)
   if not schedule.state_dependent:
-    return nelbo(denoise_fn, x, rng, schedule, vocab_size=vocab_size, antithetic=antithetic)
+    return nelbo(denoise_fn, x, rng, schedule, vocab_size=vocab_size, antithetic=antithetic,
+                 times=times)
   if network_masks not in (1, 2):
     raise ValueError(f"network_masks must be 1 or 2, got {network_masks!r}")
-  k_t, k_1, k_2 = jax.random.split(rng, 3)
   b = x.shape[0]
-  t = sample_times(k_t, b, antithetic=antithetic)
+  t, keys = _times_and_keys(x, rng, antithetic, times)
   keep = _per_token(schedule.alpha(t), schedule, x)
-  z1 = forward_mask(k_1, x, keep, vocab_size)
-  z2 = forward_mask(k_2, x, keep, vocab_size)
+  z1 = forward_mask(jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys), x, keep, vocab_size)
+  z2 = forward_mask(jax.vmap(lambda k: jax.random.fold_in(k, 2))(keys), x, keep, vocab_size)
   # One network call on the stacked batch: better device utilisation than two calls.
   both = jnp.concatenate([x, x])
   logp = _call(denoise_fn, jnp.concatenate([z1, z2]), jnp.concatenate([t, t]), both, vocab_size)

@@ -231,3 +231,19 @@ def test_ill_formed_input_raises_clear_errors():
   with pytest.raises(ValueError, match="network_masks"):
     elbo.training_loss(EXACT_MD4, X, key, schedules.StateDependentPoly(jnp.ones(3)), vocab_size=V,
                        network_masks=3)
+
+
+def test_per_example_keys_make_draws_independent_of_the_batch():
+  """With one key per example and given times, an example's estimate is the same in any batch."""
+  sched = schedules.StateDependentPoly(jnp.array([1.0, 2.0, 0.5]))
+  denoise = _table_denoiser()
+  keys = jax.random.split(jax.random.key(5), 8)
+  times = jnp.linspace(0.05, 0.95, 8)
+  x = X[:8]
+  for fn in (elbo.nelbo, elbo.training_loss):
+    whole = fn(denoise, x, keys, sched, vocab_size=V, times=times)
+    halves = jnp.concatenate([fn(denoise, x[:4], keys[:4], sched, vocab_size=V, times=times[:4]),
+                              fn(denoise, x[4:], keys[4:], sched, vocab_size=V, times=times[4:])])
+    np.testing.assert_allclose(whole, halves, rtol=1e-6)
+  with pytest.raises(ValueError, match="one key per example"):
+    elbo.nelbo(denoise, x, keys[:3], sched, vocab_size=V)

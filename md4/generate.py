@@ -1,0 +1,112 @@
+"""Samples from a trained model: unconditional, from a text prompt, or filling in a template's blanks;
+written as text files or PNG grids."""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+from md4 import model, sampling
+from md4.config import Config
+from md4.data import text8
+from md4.data.pipeline import Dataset, DatasetSpec
+
+BLANK = "_"
+
+
+def _check_text8(spec: DatasetSpec, what: str) -> None:
+  if spec.kind != "text" or spec.vocab_size != text8.VOCAB_SIZE:
+    raise ValueError(f"{what} needs a character-level text model (text8 vocabulary); this model "
+                     f"has vocabulary {spec.vocab_size} over {spec.kind}")
+
+
+def prompt_init(spec: DatasetSpec, prompt: str, num_samples: int) -> np.ndarray:
+  """int32[N, L]: the prompt's characters first, every later position masked."""
+  _check_text8(spec, "--prompt")
+  ids = text8.encode(prompt)
+  length = spec.example_shape[0]
+  if len(ids) > length:
+    raise ValueError(f"the prompt has {len(ids)} characters; the model's sequences have {length}")
+  init = np.full((num_samples, length), spec.vocab_size, np.int32)
+  init[:, :len(ids)] = ids
+  return init
+
+
+def infill_init(spec: DatasetSpec, template: str, num_samples: int) -> np.ndarray:
+  """int32[N, L]: the template with each '_' masked; positions past its end are generated too."""
+  _check_text8(spec, "--infill")
+  length = spec.example_shape[0]
+  if len(template) > length:
+    raise ValueError(f"the template has {len(template)} characters; the model's sequences have "
+                     f"{length}")
+  if BLANK not in template:
+    raise ValueError(f"the infill template has no blank {BLANK!r} to fill")
+  row = np.full(length, spec.vocab_size, np.int32)
+  for i, ch in enumerate(template):
+    if ch != BLANK:
+      row[i] = text8.encode(ch)[0]
+  return np.tile(row, (num_samples, 1))
+
+
+class Sampler:
+  """Draws samples with cfg.sample's method; compiled once per instance."""
+
+  def __init__(self, network: nn.Module, cfg: Config):
+    self.cfg = cfg
+    self._run = jax.jit(functools.partial(self._sample, network=network, cfg=cfg))
+
+  @staticmethod
+  def _sample(params, rng, init, labels, *, network, cfg):
+    s = cfg.sample
+    return sampling.sample_with_info(
+        model.denoiser(network, params, labels), rng, init, model.make_schedule(cfg.model, params),
+        vocab_size=cfg.model.vocab_size, num_steps=s.num_steps, method=s.method,
+        top_p=None if s.top_p >= 1.0 else s.top_p, time_grid_kind=s.time_grid,
+        reuse_unchanged=s.reuse_unchanged)
+
+  def __call__(self, params, rng: jax.Array, init: np.ndarray,
+               labels: np.ndarray | None = None) -> sampling.SampleResult:
+    return self._run(params, rng, jnp.asarray(init, jnp.int32),
+                     None if labels is None else jnp.asarray(labels, jnp.int32))
+
+
+def unconditional_init(spec: DatasetSpec, num_samples: int) -> np.ndarray:
+  return np.full((num_samples,) + spec.example_shape, spec.vocab_size, np.int32)
+
+
+def default_labels(spec: DatasetSpec, num_samples: int, conditional: bool) -> np.ndarray | None:
+  """Classes 0, 1, 2, ... in turn for a class-conditional model."""
+  return np.arange(num_samples, dtype=np.int32) % spec.num_classes if conditional else None
+
+
+def image_grid(images: np.ndarray, columns: int | None = None) -> np.ndarray:
+  """uint8[N, H, W, C] -> one uint8 image with the N images tiled row by row (1-pixel gaps)."""
+  n, h, w, c = images.shape
+  columns = columns or int(np.ceil(np.sqrt(n)))
+  rows = int(np.ceil(n / columns))
+  grid = np.zeros((rows * (h + 1) + 1, columns * (w + 1) + 1, c), np.uint8)
+  for i, img in enumerate(images):
+    r, col = divmod(i, columns)
+    grid[1 + r * (h + 1):1 + r * (h + 1) + h, 1 + col * (w + 1):1 + col * (w + 1) + w] = img
+  return grid
+
+
+def write_samples(dataset: Dataset, samples: np.ndarray, path_stem: str) -> str:
+  """Writes samples as path_stem.txt (one per line) or path_stem.png (a grid); returns the path."""
+  os.makedirs(os.path.dirname(path_stem) or ".", exist_ok=True)
+  samples = np.asarray(samples)
+  if dataset.spec.kind == "text":
+    path = path_stem + ".txt"
+    with open(path, "w") as f:
+      f.writelines(dataset.decode(s) + "\n" for s in samples)
+    return path
+  path = path_stem + ".png"
+  grid = image_grid(samples.astype(np.uint8))
+  Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path)
+  return path

@@ -1,0 +1,144 @@
+"""The md4 command line.
+
+  md4 train  [--config=configs/demo.py] [--workdir=runs/NAME] [--config.KEY=VALUE ...]
+  md4 eval   [--config=...] [--workdir=...] [--checkpoint_step=N] [--split=valid]
+  md4 sample [--config=...] [--workdir=...] [--checkpoint_step=N] [--prompt=TEXT | --infill=TEMPLATE]
+             [--output=PATH_STEM]
+
+The config is read once here, locked, and turned into md4.config.Config; an unknown key is an error.
+Samples use cfg.sample (method, steps, top_p, ...), overridable like any key:
+--config.sample.method=first_hitting. In --infill templates '_' marks a character to fill.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+# Config files import each other as `configs.*` (presets by inheritance).
+if (REPO_ROOT / "configs").is_dir() and str(REPO_ROOT) not in sys.path:
+  sys.path.insert(0, str(REPO_ROOT))
+
+COMMANDS = ("train", "eval", "sample")
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", str(REPO_ROOT / "configs" / "demo.py"),
+    "Config file, optionally with a preset: configs/md4/text8.py:tiny.", lock_config=True)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Run directory (checkpoints, metrics, samples); default runs/<config name>.")
+_STEP = flags.DEFINE_integer("checkpoint_step", None, "eval/sample: checkpoint step (default: latest).")
+_SPLIT = flags.DEFINE_string("split", None, "eval: the split (default: config.eval.split).")
+_PROMPT = flags.DEFINE_string("prompt", None, "sample: text prefix to continue.")
+_INFILL = flags.DEFINE_string("infill", None, "sample: template whose '_' characters are filled.")
+_OUTPUT = flags.DEFINE_string("output", None,
+                              "sample: output path without extension (default: workdir/samples/).")
+
+
+def _default_workdir() -> str:
+  spec = flags.FLAGS["config"].config_filename if hasattr(flags.FLAGS["config"], "config_filename") \
+      else flags.FLAGS["config"].value
+  path, _, preset = str(spec).partition(":")
+  name = pathlib.Path(path).stem + (f"_{preset}" if preset else "")
+  return os.path.join("runs", name)
+
+
+def _restore_for_inference(cfg, workdir, step):
+  """(setup, dataset, params) from a checkpoint; EMA params unless the config says otherwise."""
+  import jax
+
+  from md4 import train
+  from md4.data import pipeline
+
+  dataset = pipeline.load(cfg.data)
+  setup = train.make_setup(cfg, dataset.spec)
+  checkpointer = train.Checkpointer(workdir, cfg, read_only=True)
+  restored = checkpointer.restore(train.abstract_state(setup), step)
+  if restored is None:
+    raise app.UsageError(f"no checkpoint in {checkpointer.directory}: train first "
+                         f"(md4 train --workdir={workdir})")
+  state = restored[0]
+  jax.block_until_ready(state)
+  return setup, dataset, state
+
+
+def _train(cfg, workdir):
+  from md4 import train
+  train.train(cfg, workdir)
+
+
+def _eval(cfg, workdir):
+  from md4.evaluate import Evaluator
+  setup, dataset, state = _restore_for_inference(cfg, workdir, _STEP.value)
+  params = state.ema_params if cfg.eval.use_ema else state.params
+  result = Evaluator(setup.network, cfg, setup.mesh)(params, dataset, split=_SPLIT.value)
+  print(f"step {int(state.step)}, split {_SPLIT.value or cfg.eval.split}: {result.summary()}")
+
+
+def _sample(cfg, workdir):
+  import jax
+  import numpy as np
+
+  from md4 import generate
+
+  if _PROMPT.value is not None and _INFILL.value is not None:
+    raise app.UsageError("give --prompt or --infill, not both")
+  setup, dataset, state = _restore_for_inference(cfg, workdir, _STEP.value)
+  spec, n = dataset.spec, cfg.sample.num_samples
+  if _PROMPT.value is not None:
+    init = generate.prompt_init(spec, _PROMPT.value, n)
+  elif _INFILL.value is not None:
+    init = generate.infill_init(spec, _INFILL.value, n)
+  else:
+    init = generate.unconditional_init(spec, n)
+  labels = generate.default_labels(spec, n, bool(cfg.model.net.get("num_classes", 0)))
+  params = state.ema_params if cfg.sample.use_ema else state.params
+  result = generate.Sampler(setup.network, cfg)(params, jax.random.key(cfg.train.seed + 3), init,
+                                                labels)
+  samples = np.asarray(result.samples)
+  stem = _OUTPUT.value or os.path.join(workdir, "samples", f"sample_step_{int(state.step)}")
+  path = generate.write_samples(dataset, samples, stem)
+  print(f"{n} samples ({cfg.sample.method}, {int(result.num_calls)} network calls) -> {path}")
+  if spec.kind == "text":
+    for s in samples:
+      print(repr(dataset.decode(s)))
+
+
+def main(argv):
+  if len(argv) != 2 or argv[1] not in COMMANDS:
+    raise app.UsageError(f"usage: md4 {{{'|'.join(COMMANDS)}}} [--config=...] [flags]; got "
+                         f"{' '.join(argv[1:]) or 'no command'}")
+  logging.set_verbosity(logging.ERROR)  # Orbax logs every file operation at INFO and WARNING.
+  from md4 import config as config_lib
+  try:
+    cfg = config_lib.from_configdict(_CONFIG.value)
+  except ValueError as e:
+    raise app.UsageError(f"bad config: {e}") from None
+  workdir = _WORKDIR.value or _default_workdir()
+  try:
+    {"train": _train, "eval": _eval, "sample": _sample}[argv[1]](cfg, workdir)
+  except (ValueError, FloatingPointError) as e:
+    sys.exit(f"md4 {argv[1]}: error: {e}")
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  try:
+    return flags.FLAGS(argv)
+  except (KeyError, AttributeError) as e:  # ml_collections: an override names a key that is not there.
+    key = str(e).strip("'\"")
+    culprits = [a for a in argv if a.startswith("--config.") and f".{key}" in a.split("=")[0]]
+    sys.exit(f"md4: unknown config key {key!r} in {' '.join(culprits) or 'a --config override'}")
+  except flags.Error as e:
+    sys.exit(f"md4: {e}\nusage: md4 {{{'|'.join(COMMANDS)}}} [--config=...] [flags]")
+
+
+def run():
+  app.run(main, flags_parser=_parse_flags)
+
+
+if __name__ == "__main__":
+  run()

@@ -1,0 +1,84 @@
+"""Glue between a network and the diffusion math: parameters, the schedule, the denoiser callable.
+
+The network knows nothing of diffusion and the math knows nothing of Flax; they meet here, through
+denoise_fn(z_t, t) -> logits. Parameters are {"net": network params} plus, for GenMD4,
+{"schedule": {"raw_power": float32[V]}} with w = softplus(raw_power) > 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from md4 import networks, schedules
+from md4.config import Config, ModelConfig
+from md4.data.pipeline import DatasetSpec
+
+Params = Any
+
+
+def check_compatible(cfg: Config, spec: DatasetSpec) -> None:
+  """Refuses a model whose vocabulary, shape or classes differ from the dataset's, before training."""
+  if cfg.model.vocab_size != spec.vocab_size:
+    raise ValueError(f"model.vocab_size={cfg.model.vocab_size} but dataset {cfg.data.dataset!r} has "
+                     f"a vocabulary of {spec.vocab_size}")
+  num_classes = cfg.model.net.get("num_classes", 0)
+  if num_classes and num_classes != spec.num_classes:
+    raise ValueError(f"model.net.num_classes={num_classes} but dataset {cfg.data.dataset!r} has "
+                     f"{spec.num_classes} classes")
+  wants_images = cfg.model.network in ("unet", "uvit")
+  if wants_images != (spec.kind == "image"):
+    raise ValueError(f"network {cfg.model.network!r} does not fit {spec.kind} dataset "
+                     f"{cfg.data.dataset!r} (example shape {spec.example_shape})")
+  channels = cfg.model.net.get("num_channels")
+  if wants_images and channels is not None and channels != spec.example_shape[-1]:
+    raise ValueError(f"model.net.num_channels={channels} but dataset {cfg.data.dataset!r} has "
+                     f"{spec.example_shape[-1]} channels")
+
+
+def build_network(cfg: Config, spec: DatasetSpec) -> nn.Module:
+  check_compatible(cfg, spec)
+  kwargs = dict(cfg.model.net, vocab_size=cfg.model.vocab_size, dtype=cfg.train.compute_dtype)
+  fields = {f.name for f in dataclasses.fields(networks.NETWORKS[cfg.model.network][1])}
+  if "num_channels" in fields:
+    kwargs.setdefault("num_channels", spec.example_shape[-1])
+  return networks.build_network(cfg.model.network, **kwargs)
+
+
+def make_schedule(model_cfg: ModelConfig, params: Params):
+  if model_cfg.state_dependent:
+    power = jax.nn.softplus(params["schedule"]["raw_power"])
+    return schedules.StateDependentPoly(power, eps=model_cfg.eps)
+  return schedules.get_schedule(model_cfg.schedule, eps=model_cfg.eps)
+
+
+def init_params(rng: jax.Array, network: nn.Module, model_cfg: ModelConfig,
+                spec: DatasetSpec) -> Params:
+  z = jnp.zeros((1,) + spec.example_shape, jnp.int32)
+  cond = jnp.zeros((1,), jnp.int32) if model_cfg.net.get("num_classes", 0) else None
+  params = {"net": network.init(rng, z, jnp.zeros((1,)), cond=cond)["params"]}
+  if model_cfg.state_dependent:
+    raw = math.log(math.expm1(model_cfg.power_init))  # softplus^-1
+    params["schedule"] = {"raw_power": jnp.full((model_cfg.vocab_size,), raw, jnp.float32)}
+  return params
+
+
+def denoiser(network: nn.Module, params: Params, cond: jax.Array | None = None, *,
+             dropout_rng: jax.Array | None = None):
+  """denoise_fn(z: int32[B, *S], t: float32[B]) -> float32[B, *S, V]; dropout on iff dropout_rng."""
+  train = dropout_rng is not None
+  rngs = {"dropout": dropout_rng} if train else {}
+
+  def denoise_fn(z, t):
+    c = cond
+    if c is not None and c.shape[0] != z.shape[0]:
+      # GenMD4's training loss stacks two masked copies of the batch, [z1; z2], in one call.
+      c = jnp.tile(c, z.shape[0] // c.shape[0])
+    return network.apply({"params": params["net"]}, z, t, cond=c, train=train, rngs=rngs)
+
+  return denoise_fn
