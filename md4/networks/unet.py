@@ -1,0 +1,245 @@
+"""Single-resolution UNet denoiser over image pixels (the paper's CIFAR-10 backbone).
+
+No down- or upsampling, as in VDM's CIFAR-10 model: a stack of ResNet blocks whose
+activations are saved on the way "down" and concatenated back in on the way "up", with
+two ResNet blocks (and optionally a self-attention block between them) in the middle.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from md4.networks.transformer import (
+    ConditionEmbedding,
+    SelfAttention,
+    check_common_fields,
+    check_inputs,
+    check_positive,
+)
+
+Array = jax.Array
+
+
+def check_image_inputs(z: Array, num_channels: int) -> None:
+  """Raises ValueError unless z (already known to be rank 4) has num_channels channels."""
+  if z.shape[-1] != num_channels:
+    raise ValueError(f"z must have {num_channels} channels (int32[B, H, W, C]), got {z.shape}")
+
+
+class PixelEmbedding(nn.Module):
+  """Embeds every channel token and concatenates the channels' embeddings per pixel.
+
+  One table (vocab_size + 1 rows, the last for the mask) is shared by the channels;
+  concatenation keeps which channel a token came from.
+
+  Attributes:
+    vocab_size: real tokens per channel; id vocab_size is the mask.
+    features: embedding width per channel token.
+  """
+
+  vocab_size: int
+  features: int
+
+  @nn.compact
+  def __call__(self, z: Array) -> Array:
+    """z: int32[B, H, W, C]. Returns float32[B, H, W, C * features]."""
+    x = nn.Embed(self.vocab_size + 1, self.features, name="embed")(z)
+    return x.reshape(*z.shape[:-1], -1)
+
+
+class PixelLogits(nn.Module):
+  """GroupNorm, swish and a 3x3 conv to per-channel logits.
+
+  Attributes:
+    vocab_size: logits per channel.
+    num_channels: image channels C.
+    norm_groups: GroupNorm groups.
+    dtype: compute dtype.
+  """
+
+  vocab_size: int
+  num_channels: int
+  norm_groups: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, h: Array) -> Array:
+    """h: [B, H, W, F]. Returns float32[B, H, W, C, vocab_size]."""
+    h = nn.swish(nn.GroupNorm(self.norm_groups, dtype=self.dtype, name="norm")(h))
+    h = nn.Conv(self.num_channels * self.vocab_size, (3, 3), dtype=self.dtype, name="conv")(h)
+    return h.reshape(*h.shape[:-1], self.num_channels, self.vocab_size).astype(jnp.float32)
+
+
+class ResBlock(nn.Module):
+  """Pre-activation ResNet block; the conditioning vector is added after the first conv.
+
+  The second conv is zero-initialised so the block starts as (a projection of) the identity.
+
+  Attributes:
+    features: output channels.
+    norm_groups: GroupNorm groups.
+    dropout_rate: dropout before the second conv.
+    deterministic: disables dropout (an attribute, so nn.remat sees it as static).
+    dtype: compute dtype; the output is float32.
+  """
+
+  features: int
+  norm_groups: int
+  dropout_rate: float = 0.0
+  deterministic: bool = True
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, c: Array | None) -> Array:
+    """x: [B, H, W, F_in]; c: float32[B, Dc] or None. Returns float32[B, H, W, features]."""
+    h = nn.swish(nn.GroupNorm(self.norm_groups, dtype=self.dtype, name="norm_0")(x))
+    h = nn.Conv(self.features, (3, 3), dtype=self.dtype, name="conv_0")(h)
+    if c is not None:
+      h = h + nn.Dense(self.features, dtype=self.dtype, name="cond_proj")(nn.swish(c))[
+          :, None, None, :
+      ]
+    h = nn.swish(nn.GroupNorm(self.norm_groups, dtype=self.dtype, name="norm_1")(h))
+    h = nn.Dropout(self.dropout_rate, deterministic=self.deterministic)(h)
+    h = nn.Conv(self.features, (3, 3), kernel_init=nn.initializers.zeros, dtype=self.dtype,
+                name="conv_1")(h)
+    if x.shape[-1] != self.features:
+      x = nn.Conv(self.features, (1, 1), dtype=self.dtype, name="skip")(x)
+    return x.astype(jnp.float32) + h.astype(jnp.float32)
+
+
+class AttentionBlock(nn.Module):
+  """Residual self-attention over all pixels of one resolution (no position encoding:
+  the surrounding convolutions already carry position).
+
+  Attributes:
+    num_heads: attention heads.
+    norm_groups: GroupNorm groups.
+    dtype: compute dtype.
+    attention_impl: see transformer.SelfAttention.
+  """
+
+  num_heads: int
+  norm_groups: int
+  dtype: Any = jnp.float32
+  attention_impl: str | None = None
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    """x: float32[B, H, W, F]. Returns float32[B, H, W, F]."""
+    b, height, width, f = x.shape
+    h = nn.GroupNorm(self.norm_groups, dtype=self.dtype, name="norm")(x)
+    h = SelfAttention(self.num_heads, self.dtype, self.attention_impl, name="attn")(
+        h.reshape(b, height * width, f)
+    )
+    return x + h.reshape(b, height, width, f).astype(jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class UNetConfig:
+  """Configuration of `UNet`.
+
+  Attributes:
+    vocab_size: values per channel (256 for 8-bit pixels); id vocab_size is the mask.
+    num_channels: image channels C.
+    features: width of every block, also of each channel token's embedding.
+    num_res_blocks: ResBlocks on the way down; the way up has num_res_blocks + 1, and the
+      middle two. The defaults (128 features, 32 blocks, dropout 0.1, attention) are VDM's
+      CIFAR-10 UNet.
+    attention: a self-attention block over all pixels between the two middle ResBlocks.
+    num_heads: heads of that attention block; features must be divisible by it.
+    norm_groups: GroupNorm groups; features must be divisible by it.
+    dropout_rate: ResBlock dropout rate, active only with train=True.
+    time_conditioning: condition on t; if False the output does not depend on t at all.
+    num_classes: class labels for conditioning; 0 = unconditional.
+    dtype: compute dtype ("float32", "bfloat16", "float16" or a jnp dtype); parameters and
+      logits are float32 regardless.
+    remat: rematerialise each ResBlock in the backward pass.
+    attention_impl: jax.nn.dot_product_attention implementation: None or "xla" (portable),
+      "cudnn" (fused flash attention on NVIDIA GPUs; needs bf16/fp16 dtype).
+  """
+
+  vocab_size: int = 256
+  num_channels: int = 3
+  features: int = 128
+  num_res_blocks: int = 32
+  attention: bool = True
+  num_heads: int = 1
+  norm_groups: int = 32
+  dropout_rate: float = 0.1
+  time_conditioning: bool = True
+  num_classes: int = 0
+  dtype: Any = jnp.float32
+  remat: bool = False
+  attention_impl: str | None = None
+
+  def __post_init__(self):
+    check_positive(vocab_size=self.vocab_size, num_channels=self.num_channels,
+                   features=self.features, num_heads=self.num_heads,
+                   norm_groups=self.norm_groups)
+    if self.num_res_blocks < 0:
+      raise ValueError(f"num_res_blocks must be >= 0, got {self.num_res_blocks!r}")
+    for divisor in ("num_heads", "norm_groups"):
+      if self.features % getattr(self, divisor):
+        raise ValueError(
+            f"features={self.features} must be divisible by {divisor}={getattr(self, divisor)}"
+        )
+    dtype = check_common_fields(num_classes=self.num_classes, dropout_rate=self.dropout_rate,
+                                dtype=self.dtype, attention_impl=self.attention_impl)
+    object.__setattr__(self, "dtype", dtype)
+
+
+class UNet(nn.Module):
+  """Single-resolution UNet; returns per-pixel, per-channel logits of the clean image.
+
+  Attributes:
+    config: the UNetConfig.
+  """
+
+  config: UNetConfig
+
+  @nn.compact
+  def __call__(
+      self, z: Array, t: Array, *, cond: Array | None = None, train: bool = False
+  ) -> Array:
+    """Computes logits.
+
+    Args:
+      z: int32[B, H, W, C] channel tokens in [0, vocab_size]; vocab_size is the mask id.
+      t: float32[B] diffusion time in [0, 1].
+      cond: int32[B] class labels in [0, num_classes); required iff num_classes > 0.
+      train: enables dropout (needs the 'dropout' rng).
+
+    Returns:
+      float32[B, H, W, C, vocab_size] logits.
+    """
+    cfg = self.config
+    check_inputs(z, t, cond, num_classes=cfg.num_classes, z_ndim=4, z_desc="int32[B, H, W, C]")
+    check_image_inputs(z, cfg.num_channels)
+    c = ConditionEmbedding(4 * cfg.features, cfg.time_conditioning, cfg.num_classes,
+                           name="cond_embed")(t, cond)
+    res_block_cls = nn.remat(ResBlock) if cfg.remat else ResBlock
+
+    def res_block(name):
+      return res_block_cls(cfg.features, cfg.norm_groups, cfg.dropout_rate,
+                           deterministic=not train, dtype=cfg.dtype, name=name)
+
+    x = PixelEmbedding(cfg.vocab_size, cfg.features, name="pixel_embed")(z)
+    h = nn.Conv(cfg.features, (3, 3), dtype=cfg.dtype, name="conv_in")(x).astype(jnp.float32)
+    skips = [h]
+    for i in range(cfg.num_res_blocks):
+      h = res_block(f"down_{i}")(h, c)
+      skips.append(h)
+    h = res_block("mid_0")(h, c)
+    if cfg.attention:
+      h = AttentionBlock(cfg.num_heads, cfg.norm_groups, cfg.dtype, cfg.attention_impl,
+                         name="mid_attn")(h)
+    h = res_block("mid_1")(h, c)
+    for i in range(cfg.num_res_blocks + 1):
+      h = res_block(f"up_{i}")(jnp.concatenate([h, skips.pop()], axis=-1), c)
+    return PixelLogits(cfg.vocab_size, cfg.num_channels, cfg.norm_groups, dtype=cfg.dtype,
+                       name="logits")(h)
