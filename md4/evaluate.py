@@ -44,7 +44,7 @@ class EvalResult(NamedTuple):
 def _batch_sums(params, batch, rng, *, network, cfg):
   """(sum w nelbo, sum w nelbo^2, sum w) over a batch; replicated scalars."""
   keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(batch["index"])
-  denoise_fn = model.denoiser(network, params, batch.get("label"))
+  denoise_fn = model.denoiser(network, params, model.class_labels(cfg, batch))
   values = elbo.nelbo(denoise_fn, batch["x"], keys, model.make_schedule(cfg.model, params),
                       vocab_size=cfg.model.vocab_size, num_samples=cfg.eval.num_time_samples,
                       timesteps=cfg.eval.timesteps or None)

@@ -83,7 +83,7 @@ def _sample(cfg, workdir):
   import jax
   import numpy as np
 
-  from md4 import generate
+  from md4 import generate, model
 
   if _PROMPT.value is not None and _INFILL.value is not None:
     raise app.UsageError("give --prompt or --infill, not both")
@@ -95,7 +95,7 @@ def _sample(cfg, workdir):
     init = generate.infill_init(spec, _INFILL.value, n)
   else:
     init = generate.unconditional_init(spec, n)
-  labels = generate.default_labels(spec, n, bool(cfg.model.net.get("num_classes", 0)))
+  labels = generate.default_labels(spec, n, model.is_conditional(cfg))
   params = state.ema_params if cfg.sample.use_ema else state.params
   result = generate.Sampler(setup.network, cfg)(params, jax.random.key(cfg.train.seed + 3), init,
                                                 labels)

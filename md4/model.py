@@ -68,6 +68,16 @@ def init_params(rng: jax.Array, network: nn.Module, model_cfg: ModelConfig,
   return params
 
 
+def is_conditional(cfg: Config) -> bool:
+  return bool(cfg.model.net.get("num_classes", 0))
+
+
+def class_labels(cfg: Config, batch) -> jax.Array | None:
+  """The batch's labels for a class-conditional network; None otherwise (datasets may carry labels
+  that an unconditional model ignores)."""
+  return batch.get("label") if is_conditional(cfg) else None
+
+
 def denoiser(network: nn.Module, params: Params, cond: jax.Array | None = None, *,
              dropout_rng: jax.Array | None = None):
   """denoise_fn(z: int32[B, *S], t: float32[B]) -> float32[B, *S, V]; dropout on iff dropout_rng."""

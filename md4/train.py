@@ -126,7 +126,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, setup: Setup
   k_examples, k_times, k_dropout = jax.random.split(step_key, 3)
   per_example = {
       "x": batch["x"],
-      "label": batch.get("label"),
+      "label": model.class_labels(cfg, batch),
       "keys": jax.vmap(lambda i: jax.random.fold_in(k_examples, i))(jnp.arange(b)),
       "times": elbo.sample_times(k_times, b),
   }
@@ -356,7 +356,7 @@ def _write_samples(sampler, state, dataset, cfg, workdir, step) -> None:
   spec = dataset.spec
   n = cfg.sample.num_samples
   init = generate.unconditional_init(spec, n)
-  labels = generate.default_labels(spec, n, bool(cfg.model.net.get("num_classes", 0)))
+  labels = generate.default_labels(spec, n, model.is_conditional(cfg))
   params = state.ema_params if cfg.sample.use_ema else state.params
   rng = jax.random.fold_in(jax.random.key(cfg.train.seed + 2), step)
   samples = np.asarray(sampler(params, rng, init, labels).samples)

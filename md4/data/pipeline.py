@@ -198,6 +198,10 @@ class ImageSet(Dataset):
     return {"x": self.test_images[index].astype(np.int32),
             "label": self.test_labels[index].astype(np.int32)}
 
+  def baseline(self):
+    return (demo.unigram_entropy_bits(self.train_images),
+            "entropy of the training pixel-value histogram")
+
 
 class SyntheticDataset(Dataset):
   """Uniformly random tokens of a given spec: for tests and benchmarks, which need no files."""

@@ -1,0 +1,21 @@
+"""MD4-S on FineWeb-Edu: the OpenWebText setting (configs/md4/openwebtext.py) on another corpus.
+
+  md4 train --config=configs/md4/fineweb_edu.py
+  md4 eval  --config=configs/md4/fineweb_edu.py
+
+Paper: no FineWeb-Edu result that we could verify (the released code ships this setting beside
+OpenWebText), so this config has no target number.
+Presets: "medium" (MD4-M size), "tiny" (configs/presets.py).
+
+Everything but the dataset is inherited: GPT-2 tokens, 1024 per example, MD4-S, dropout 0.02,
+weight decay 0.03, batch 512 for 1M steps (the released code's FineWeb-Edu sweep matches).
+"""
+
+from configs import presets
+from configs.md4 import openwebtext
+
+
+def get_config(arg=None):
+  config = openwebtext.get_config()
+  config.data.dataset = "fineweb_edu"
+  return presets.apply(config, arg, openwebtext.PRESETS)
