@@ -18,6 +18,9 @@ INSTALL_REQUIRES = [
     "numpy==2.4.6",
     "tqdm==4.70.1",
     "pillow==12.1.1",
+    "tiktoken==0.14.0",
+    "pyarrow==26.0.1",
+    "array-record==0.8.6",
 ]
 
 setup(

@@ -1,8 +1,9 @@
 """The bound on a dataset split: bits per token (char, dim) with its standard error, and perplexity.
 
 Each example's estimate averages K draws of (t, z_t) from a key of its own (fold_in(rng, index)),
-so results do not depend on the batch size or the number of devices and processes. The standard
-error is over examples: std(nelbo) / sqrt(n), converted like the mean.
+so results do not depend on the batch size or the number of devices and processes. Bits per token
+are total nats over total tokens, each token of the split counted once; the standard error is over
+examples.
 """
 
 from __future__ import annotations
@@ -42,14 +43,17 @@ class EvalResult(NamedTuple):
 
 
 def _batch_sums(params, batch, rng, *, network, cfg):
-  """(sum w nelbo, sum w nelbo^2, sum w) over a batch; replicated scalars."""
+  """Weighted sums over a batch (replicated scalars): nats, tokens, nats/token and its square, n."""
   keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(batch["index"])
   denoise_fn = model.denoiser(network, params, model.class_labels(cfg, batch))
-  values = elbo.nelbo(denoise_fn, batch["x"], keys, model.make_schedule(cfg.model, params),
-                      vocab_size=cfg.model.vocab_size, num_samples=cfg.eval.num_time_samples,
-                      timesteps=cfg.eval.timesteps or None)
+  nats = elbo.nelbo(denoise_fn, batch["x"], keys, model.make_schedule(cfg.model, params),
+                    vocab_size=cfg.model.vocab_size, num_samples=cfg.eval.num_time_samples,
+                    timesteps=cfg.eval.timesteps or None)
+  tokens = math.prod(batch["x"].shape[1:])
   w = batch["weight"]
-  return (w * values).sum(), (w * values**2).sum(), w.sum()
+  per_token = nats / tokens
+  return jnp.stack([(w * nats).sum(), w.sum() * tokens, (w * per_token).sum(),
+                    (w * per_token**2).sum(), w.sum()])
 
 
 class Evaluator:
@@ -68,19 +72,18 @@ class Evaluator:
     split = cfg.eval.split if split is None else split
     max_examples = cfg.eval.max_examples if max_examples is None else max_examples
     rng = jax.random.key(cfg.train.seed + 1) if rng is None else rng
-    totals = np.zeros(3, np.float64)
+    totals = np.zeros(5, np.float64)
     for local in dataset.eval_iterator(split, cfg.eval.batch_size, jax.process_index(),
                                        jax.process_count(), max_examples):
       batch = sharding.global_batch(local, self.mesh)
-      totals += np.asarray([float(v) for v in self._sums(params, batch, rng)])
-    s1, s2, n = totals
+      totals += np.asarray(self._sums(params, batch, rng), np.float64)
+    nats, tokens, s1, s2, n = totals
     if n == 0:
       raise ValueError(f"split {split!r} of dataset {cfg.data.dataset!r} has no examples")
-    mean = s1 / n
-    var = max(s2 / n - mean**2, 0.0) * n / max(n - 1, 1)
-    tokens = dataset.spec.tokens_per_example
-    to_bits = 1.0 / (tokens * math.log(2.0))
+    # The mean is per token over the whole split (each token once); the standard error is that of
+    # the mean of per-example nats/token, the examples being exchangeable draws of the bound.
+    var = max(s2 / n - (s1 / n) ** 2, 0.0) * n / max(n - 1, 1)
     return EvalResult(
-        nats_per_example=mean, bits_per_token=mean * to_bits,
-        bits_se=math.sqrt(var / n) * to_bits, perplexity=math.exp(mean / tokens),
+        nats_per_example=nats / n, bits_per_token=nats / tokens / math.log(2.0),
+        bits_se=math.sqrt(var / n) / math.log(2.0), perplexity=math.exp(nats / tokens),
         num_examples=int(n), unit=dataset.spec.unit)

@@ -276,7 +276,7 @@ def train(cfg: Config, workdir: str, *, dataset: Dataset | None = None,
   checkpointer = Checkpointer(workdir, cfg)
   writer = MetricWriter(workdir)
   data_iter = dataset.train_iterator(tcfg.batch_size, tcfg.seed, jax.process_index(),
-                                     jax.process_count())
+                                     jax.process_count(), cfg.data.num_workers)
   abstract = abstract_state(setup)
   restored = checkpointer.restore(abstract)
   if restored is None:

@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
+import os
 import math
 from typing import Any, Callable, Iterator
 
+import grain
 import numpy as np
+from absl import flags
 
 from md4.config import DataConfig
 from md4.data import demo, text8
@@ -52,40 +56,73 @@ def _hash(seed: int, index: np.ndarray, salt: int = 0) -> np.ndarray:
     return _mix64(key ^ index.astype(np.uint64))
 
 
+class _StepBatch:
+  """step -> this process's slice of global batch `step` (a picklable function for grain workers)."""
+
+  def __init__(self, example_fn: Callable[[np.ndarray], Batch], global_batch: int, local: int,
+               offset: int):
+    self.example_fn, self.global_batch, self.local, self.offset = (
+        example_fn, global_batch, local, offset)
+
+  def __call__(self, step: int) -> Batch:
+    start = step * self.global_batch + self.offset
+    return self.example_fn(np.arange(start, start + self.local, dtype=np.int64))
+
+
 class TrainIterator:
-  """This process's slice of each global batch, drawn by `example_fn(indices) -> Batch`."""
+  """This process's slice of each global batch, drawn by `example_fn(indices) -> Batch`.
+
+  A grain pipeline over step numbers: with num_workers > 0 batches are made in worker processes and
+  prefetched. Its state is the next step's first example index (batches are deterministic in it).
+  """
 
   def __init__(self, example_fn: Callable[[np.ndarray], Batch], global_batch: int,
-               process_index: int = 0, process_count: int = 1):
+               process_index: int = 0, process_count: int = 1, num_workers: int = 0):
     if global_batch % process_count:
       raise ValueError(f"global batch {global_batch} does not split over {process_count} processes")
-    self._example_fn = example_fn
     self._global = global_batch
-    self._local = global_batch // process_count
-    self._offset = process_index * self._local
-    self._next = 0
+    self._num_workers = num_workers
+    self._make = _StepBatch(example_fn, global_batch, global_batch // process_count,
+                            process_index * (global_batch // process_count))
+    self._start(0)
+
+  def _start(self, step: int) -> None:
+    self._step = step
+    ds = grain.MapDataset.range(step, 2**62).map(self._make).to_iter_dataset(
+        grain.ReadOptions(num_threads=0))
+    if self._num_workers:
+      if not flags.FLAGS.is_parsed():
+        # grain's worker processes read absl flags; outside an absl app (a notebook, pytest) nobody
+        # parsed them, and their defaults are what we want.
+        flags.FLAGS.mark_as_parsed()
+      ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self._num_workers))
+    self._iter = iter(ds)
 
   def __iter__(self):
     return self
 
   def __next__(self) -> Batch:
-    start = self._next + self._offset
-    self._next += self._global
-    return self._example_fn(np.arange(start, start + self._local, dtype=np.int64))
+    self._step += 1
+    return next(self._iter)
 
   def get_state(self) -> dict[str, Any]:
-    return {"next_index": self._next, "global_batch": self._global}
+    return {"next_index": self._step * self._global, "global_batch": self._global}
 
   def set_state(self, state: dict[str, Any]) -> None:
     if state["global_batch"] != self._global:
       raise ValueError(f"the saved data stream used global batch {state['global_batch']}, this run "
                        f"uses {self._global}; resuming would not replay the same examples")
-    self._next = int(state["next_index"])
+    self._start(int(state["next_index"]) // self._global)
 
 
 def eval_batches(num_examples: int, example_fn: Callable[[np.ndarray], Batch], global_batch: int,
-                 process_index: int = 0, process_count: int = 1) -> Iterator[Batch]:
-  """Every example once, in order; padding (a repeat of example 0) has weight 0."""
+                 process_index: int = 0, process_count: int = 1,
+                 tail: Batch | None = None) -> Iterator[Batch]:
+  """Every example once, in order; padding (a repeat of example 0) has weight 0.
+
+  tail: one shorter example (the end of a split that does not fill a whole example) given as its
+  own last batch, padded with weight-0 copies of itself; its index is num_examples.
+  """
   local = global_batch // process_count
   for start in range(0, num_examples, global_batch):
     idx = np.arange(start + process_index * local, start + (process_index + 1) * local)
@@ -93,6 +130,12 @@ def eval_batches(num_examples: int, example_fn: Callable[[np.ndarray], Batch], g
     batch = example_fn(np.where(valid, idx, 0))
     batch["weight"] = valid.astype(np.float32)
     batch["index"] = idx.astype(np.int32)
+    yield batch
+  if tail is not None:
+    batch = {k: np.repeat(v, local, axis=0) for k, v in tail.items()}
+    batch["weight"] = np.zeros(local, np.float32)
+    batch["weight"][0] = float(process_index == 0)
+    batch["index"] = np.full(local, num_examples, np.int32)
     yield batch
 
 
@@ -110,22 +153,29 @@ class Dataset:
   def num_eval_examples(self, split: str) -> int:
     raise NotImplementedError
 
+  def eval_tail(self, split: str) -> Batch | None:
+    """The split's remainder that does not fill a whole example, as a batch of one, if any."""
+    del split
+    return None
+
   def baseline(self) -> tuple[float, str] | None:
     """A reference number in bits per token for reports, with what it is."""
     return None
 
   def train_iterator(self, global_batch: int, seed: int, process_index: int = 0,
-                     process_count: int = 1) -> TrainIterator:
+                     process_count: int = 1, num_workers: int = 0) -> TrainIterator:
     return TrainIterator(functools.partial(self.train_example, seed), global_batch, process_index,
-                         process_count)
+                         process_count, num_workers)
 
   def eval_iterator(self, split: str, global_batch: int, process_index: int = 0,
                     process_count: int = 1, max_examples: int = 0) -> Iterator[Batch]:
+    """Every example of the split once (the first max_examples only, without the tail, if set)."""
     n = self.num_eval_examples(split)
-    if max_examples:
-      n = min(n, max_examples)
+    tail = self.eval_tail(split)
+    if max_examples and max_examples < n + (tail is not None):
+      n, tail = min(n, max_examples), None
     return eval_batches(n, functools.partial(self.eval_example, split), global_batch,
-                        process_index, process_count)
+                        process_index, process_count, tail)
 
   def decode(self, x: np.ndarray) -> Any:
     """One example back to its natural form: a string for text, uint8[H, W, C] for images."""
@@ -137,8 +187,8 @@ class Dataset:
 class CharCorpus(Dataset):
   """A character corpus in text8 ids: random windows for training, consecutive chunks to evaluate.
 
-  Evaluation uses the split's floor(len / seq_length) full chunks: the last len % seq_length
-  characters (fewer than one chunk) are not scored.
+  Evaluation scores every character exactly once: floor(len / seq_length) full chunks, then the last
+  len % seq_length characters as one shorter sequence.
   """
 
   def __init__(self, splits: text8.Text8Splits, seq_length: int):
@@ -164,6 +214,11 @@ class CharCorpus(Dataset):
   def eval_example(self, split, index):
     windows = index[:, None] * self.seq_length + np.arange(self.seq_length)
     return {"x": self._split(split)[windows].astype(np.int32)}
+
+  def eval_tail(self, split):
+    ids = self._split(split)
+    rest = len(ids) % self.seq_length
+    return {"x": np.asarray(ids[len(ids) - rest:], np.int32)[None]} if rest else None
 
   def baseline(self):
     return demo.unigram_entropy_bits(self.splits.train), "unigram entropy of the training split"
@@ -230,15 +285,21 @@ class SyntheticDataset(Dataset):
     return self._examples(12345, index, salt=7)
 
 
-def _gpt2_spec(cfg: DataConfig) -> DatasetSpec:
-  return DatasetSpec(50257, (cfg.seq_length,), "text", "token")
+def _document_spec(cfg: DataConfig) -> DatasetSpec:
+  """GPT-2's vocabulary, or the one a prepared dataset records (a SentencePiece model's)."""
+  meta = os.path.join(cfg.data_dir, cfg.dataset, "meta.json") if cfg.data_dir else ""
+  vocab = 50257
+  if meta and os.path.exists(meta):
+    with open(meta) as f:
+      vocab = json.load(f)["vocab_size"]
+  return DatasetSpec(vocab, (cfg.seq_length,), "text", "token")
 
 
 SPECS: dict[str, Callable[[DataConfig], DatasetSpec]] = {
     "shakespeare": lambda cfg: DatasetSpec(text8.VOCAB_SIZE, (cfg.seq_length,), "text", "char"),
     "text8": lambda cfg: DatasetSpec(text8.VOCAB_SIZE, (cfg.seq_length,), "text", "char"),
-    "openwebtext": _gpt2_spec,
-    "fineweb_edu": _gpt2_spec,
+    "openwebtext": _document_spec,
+    "fineweb_edu": _document_spec,
     "mnist": lambda cfg: DatasetSpec(256, (28, 28, 1), "image", "dim", 10),
     "cifar10": lambda cfg: DatasetSpec(256, (32, 32, 3), "image", "dim", 10),
     "imagenet64": lambda cfg: DatasetSpec(256, (64, 64, 3), "image", "dim", 1000),
@@ -256,9 +317,35 @@ def _load_mnist(cfg: DataConfig) -> Dataset:
                   (splits.test.images[..., None], splits.test.labels), 10)
 
 
+def _load_text8(cfg: DataConfig) -> Dataset:
+  return CharCorpus(text8.read_prepared(_data_dir(cfg)), cfg.seq_length)
+
+
+def _data_dir(cfg: DataConfig) -> str:
+  if not cfg.data_dir:
+    raise ValueError(f"dataset {cfg.dataset!r} needs data.data_dir: the directory given to "
+                     f"`md4 prepare {cfg.dataset} --data_dir=DIR`")
+  return cfg.data_dir
+
+
+def _load_documents(cfg: DataConfig) -> Dataset:
+  from md4.data import documents  # It imports this module.
+  return documents.PackedBlocks(_data_dir(cfg), cfg.dataset, cfg.seq_length)
+
+
+def _load_images(cfg: DataConfig) -> Dataset:
+  from md4.data import images  # It imports this module.
+  return images.TfdsImages(cfg.dataset, _data_dir(cfg))
+
+
 LOADERS: dict[str, Callable[[DataConfig], Dataset]] = {
     "shakespeare": _load_shakespeare,
     "mnist": _load_mnist,
+    "text8": _load_text8,
+    "openwebtext": _load_documents,
+    "fineweb_edu": _load_documents,
+    "cifar10": _load_images,
+    "imagenet64": _load_images,
 }
 
 
@@ -272,6 +359,5 @@ def load(cfg: DataConfig) -> Dataset:
   """The dataset named by cfg.dataset, loaded."""
   get_spec(cfg)
   if cfg.dataset not in LOADERS:
-    raise ValueError(f"dataset {cfg.dataset!r} has no loader in this version; the embedded ones "
-                     f"are: {', '.join(LOADERS)}")
+    raise ValueError(f"dataset {cfg.dataset!r} has no loader; valid: {', '.join(LOADERS)}")
   return LOADERS[cfg.dataset](cfg)

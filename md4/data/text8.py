@@ -10,6 +10,10 @@ Pure functions of their arguments: no I/O, no state.
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import zipfile
 from typing import NamedTuple
 
 import numpy as np
@@ -120,3 +124,82 @@ def split_ids(ids: np.ndarray) -> Text8Splits:
   return Text8Splits(
       train=ids[:n_train], valid=ids[n_train:n_train + n_valid], test=ids[n_train + n_valid:]
   )
+
+
+# ---------------------------------------------------------------------- the text8 dataset
+
+TEXT8_URL = "http://mattmahoney.net/dc/text8.zip"
+SPLITS = ("train", "valid", "test")
+
+
+def _download(url: str, path: str) -> str:
+  import urllib.request
+
+  import tqdm
+
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  partial = path + ".partial"
+  with urllib.request.urlopen(url) as response, open(partial, "wb") as f:
+    total = int(response.headers.get("Content-Length") or 0) or None
+    with tqdm.tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {url}") as bar:
+      while chunk := response.read(1 << 20):
+        f.write(chunk)
+        bar.update(len(chunk))
+  os.replace(partial, path)
+  return path
+
+
+def _read_text(source: str) -> str:
+  """The corpus from text8.zip (member "text8") or from the extracted plain file."""
+  if not os.path.exists(source):
+    raise ValueError(f"text8 source {source!r} does not exist (give the path of text8.zip)")
+  if zipfile.is_zipfile(source):
+    with zipfile.ZipFile(source) as zf:
+      if "text8" not in zf.namelist():
+        raise ValueError(f"{source} has no member 'text8' (members: {zf.namelist()[:5]})")
+      data = zf.read("text8")
+  else:
+    with open(source, "rb") as f:
+      data = f.read()
+  try:
+    return data.decode("ascii")
+  except UnicodeDecodeError as e:
+    raise ValueError(f"{source} is not text8: byte {e.start} is not ASCII") from None
+
+
+def prepare(data_dir: str, source: str | None = None) -> dict:
+  """Writes data_dir/text8/{train,valid,test}.npy (uint8 ids) and meta.json.
+
+  source: a local text8.zip (or the extracted file); None downloads TEXT8_URL into
+  data_dir/downloads/. Splits: the first 90M, next 5M and last 5M characters (split_ids). The
+  output appears only when complete (written beside it, then renamed).
+  """
+  import tqdm
+
+  if source is None:
+    source = _download(TEXT8_URL, os.path.join(data_dir, "downloads", "text8.zip"))
+  text = _read_text(source)
+  splits = split_ids(encode(text))
+  out = os.path.join(data_dir, "text8")
+  tmp = f"{out}.tmp-{os.getpid()}"
+  os.makedirs(tmp, exist_ok=True)
+  for name in tqdm.tqdm(SPLITS, desc="writing text8 splits"):
+    np.save(os.path.join(tmp, f"{name}.npy"), getattr(splits, name))
+  meta = {"source": os.path.abspath(source), "num_chars": len(text),
+          **{f"{name}_chars": int(len(getattr(splits, name))) for name in SPLITS}}
+  with open(os.path.join(tmp, "meta.json"), "w") as f:
+    json.dump(meta, f, indent=1)
+  if os.path.exists(out):
+    shutil.rmtree(out)
+  os.replace(tmp, out)
+  return meta
+
+
+def read_prepared(data_dir: str) -> Text8Splits:
+  """The prepared splits, memory-mapped."""
+  out = os.path.join(data_dir, "text8")
+  if not os.path.exists(os.path.join(out, "meta.json")):
+    raise ValueError(f"dataset 'text8' is not prepared in {data_dir!r}: run `md4 prepare text8 "
+                     f"--data_dir={data_dir}` (--source=PATH/text8.zip to use a local copy)")
+  return Text8Splits(*(np.load(os.path.join(out, f"{name}.npy"), mmap_mode="r")
+                       for name in SPLITS))

@@ -1,0 +1,205 @@
+"""CIFAR-10 and ImageNet 64x64: written by their tfds builders as array_record, read without TF.
+
+Preparing (`prepare_images`) runs the tfds builder with `file_format="array_record"` into the usual
+tfds layout under data_dir (data_dir/cifar10/3.0.2/..., data_dir/imagenet_resized/64x64/0.1.0/...).
+In tfds 4.9.10 that needs TensorFlow: the builders read their downloads through `tf.io.gfile` and
+tfds encodes every image to PNG with `tf.image.encode_png`. So preparing needs the `tf` extra
+(`pip install -e '.[tf]'`); reading (`TfdsImages`) goes through `tfds.data_source`, which is
+array_record random access plus PNG decoding with PIL, and needs no TensorFlow.
+
+ImageNet 64x64 (tfds "imagenet_resized/64x64") is a manual download: image-net.org serves the three
+zip files only to registered users, so the tfds download URL does not work unattended
+(tensorflow/datasets#3563). Put the zips in a folder and pass it as manual_dir; tfds then uses them
+in place (it checks their sha256 against the registered checksums, and copies nothing).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+from typing import Any
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from md4.data import pipeline
+
+_IMAGENET64_ZIPS = ("Imagenet64_train_part1_npz.zip", "Imagenet64_train_part2_npz.zip",
+                    "Imagenet64_val_npz.zip")
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageSource:
+  """One image dataset: its tfds builder, what its examples look like, which splits evaluate."""
+  tfds_name: str
+  image_shape: tuple[int, int, int]
+  num_classes: int
+  # Our evaluation split name -> the tfds split it reads.
+  eval_splits: dict[str, str]
+  # Files the user must download by hand into manual_dir (empty: tfds downloads by itself).
+  manual_files: tuple[str, ...] = ()
+  manual_instructions: str = ""
+
+
+SOURCES: dict[str, ImageSource] = {
+    # CIFAR-10 has no validation split: "valid" is the test split, as for ImageSet.
+    "cifar10": ImageSource("cifar10", (32, 32, 3), 10, {"test": "test", "valid": "test"}),
+    # imagenet_resized has train (1,281,167) and validation (50,000) splits. The validation
+    # images are the test set of the generative-modelling literature (the paper's bits/dim on
+    # ImageNet 64x64 are on them), so both "test" and "valid" read them.
+    "imagenet64": ImageSource(
+        "imagenet_resized/64x64", (64, 64, 3), 1000,
+        {"test": "validation", "valid": "validation"},
+        manual_files=_IMAGENET64_ZIPS,
+        manual_instructions=(
+            "download " + ", ".join(_IMAGENET64_ZIPS) + " (\"Downsampled ImageNet 64x64\", "
+            "npz format) from https://image-net.org/download-images.php (needs an image-net.org "
+            "account) into one folder and pass it as manual_dir")),
+}
+
+
+def _source(name: str) -> ImageSource:
+  if name not in SOURCES:
+    raise ValueError(f"unknown image dataset {name!r}; valid: {', '.join(SOURCES)}")
+  return SOURCES[name]
+
+
+def _tensorflow_available() -> bool:
+  return importlib.util.find_spec("tensorflow") is not None
+
+
+def prepare_images(name: str, data_dir: str, *, manual_dir: str | None = None) -> dict[str, Any]:
+  """Downloads (or takes from manual_dir) and writes dataset `name` as array_record under data_dir.
+
+  Args:
+    name: "cifar10" or "imagenet64".
+    data_dir: the tfds data directory; the dataset lands in tfds' own layout below it, and the
+      downloads in data_dir/downloads.
+    manual_dir: folder holding the manually downloaded files (required for "imagenet64").
+
+  Returns:
+    {"name", "tfds_name", "data_dir" (the dataset's own folder), "splits": {split: num_examples}}.
+    Preparing an already prepared dataset does nothing and returns the same summary.
+
+  Raises:
+    ValueError: unknown name, or manual files missing.
+    ImportError: TensorFlow is not installed (tfds needs it to write image datasets).
+  """
+  source = _source(name)
+  if source.manual_files:
+    if not manual_dir:
+      raise ValueError(f"{name} is a manual download: {source.manual_instructions} "
+                       f"(`md4 prepare {name} --data_dir=DIR --source=FOLDER`)")
+    missing = [f for f in source.manual_files if not os.path.isfile(os.path.join(manual_dir, f))]
+    if missing:
+      raise ValueError(f"manual_dir {manual_dir} lacks {', '.join(missing)}: "
+                       f"{source.manual_instructions}")
+  if not _tensorflow_available():
+    raise ImportError(f"preparing {name} needs TensorFlow (tfds {tfds.__version__} reads the "
+                      "downloads and encodes the images with it): run `pip install -e '.[tf]'`. "
+                      "Reading a prepared dataset does not need it.")
+  builder = tfds.builder(source.tfds_name, data_dir=data_dir, file_format="array_record")
+  # try_download_gcs=False: tfds' GCS copies are TFRecord, and we want array_record written here.
+  config = tfds.download.DownloadConfig(manual_dir=manual_dir, try_download_gcs=False)
+  builder.download_and_prepare(download_config=config)
+  return {"name": name, "tfds_name": source.tfds_name, "data_dir": os.fspath(builder.data_dir),
+          "splits": {split: info.num_examples for split, info in builder.info.splits.items()}}
+
+
+class TfdsImages(pipeline.Dataset):
+  """A prepared tfds image dataset, read by random access; training walks a permutation per epoch.
+
+  Examples: {"x": int32[n, H, W, 3] in [0, 256), "label": int32[n] in [0, num_classes)}.
+  The data sources are opened in the constructor (so a missing dataset fails at once) and again,
+  lazily, after unpickling: a pickled TfdsImages carries only the name and the directory.
+  """
+
+  def __init__(self, name: str, data_dir: str):
+    self.name = name
+    self.data_dir = data_dir
+    self._info = _source(name)
+    self.spec = pipeline.DatasetSpec(256, self._info.image_shape, "image", "dim",
+                                     self._info.num_classes)
+    self._sources: dict[str, Any] | None = None
+    self._permutations: dict[tuple[int, int], np.ndarray] = {}
+    self.num_train_examples = len(self._split_source("train"))
+
+  def __getstate__(self):
+    state = dict(self.__dict__)
+    state["_sources"] = None
+    state["_permutations"] = {}
+    return state
+
+  def _open(self) -> dict[str, Any]:
+    builder = tfds.builder(self._info.tfds_name, data_dir=self.data_dir)
+    if not builder.is_prepared():
+      raise ValueError(f"dataset {self.name} is not prepared in {self.data_dir}: run "
+                       f"`md4 prepare {self.name} --data_dir={self.data_dir}`")
+    file_format = builder.info.file_format
+    if file_format != tfds.core.FileFormat.ARRAY_RECORD:
+      raise ValueError(f"dataset {self.name} in {self.data_dir} was written as {file_format}, "
+                       "which has no random access; prepare it into another data_dir with "
+                       f"`md4 prepare {self.name} --data_dir=DIR`")
+    features = builder.info.features
+    shape = tuple(features["image"].shape)
+    classes = features["label"].num_classes
+    if shape != self._info.image_shape or classes != self._info.num_classes:
+      raise ValueError(f"dataset {self.name} in {self.data_dir} has images {shape} and {classes} "
+                       f"classes; expected {self._info.image_shape} and {self._info.num_classes}")
+    # download=False: a dataset that vanished between the check and here fails, never downloads.
+    return tfds.data_source(self._info.tfds_name, data_dir=self.data_dir, download=False)
+
+  def _split_source(self, tfds_split: str):
+    if self._sources is None:
+      self._sources = self._open()
+    return self._sources[tfds_split]
+
+  def _eval_split(self, split: str) -> str:
+    if split not in self._info.eval_splits:
+      raise ValueError(f"unknown evaluation split {split!r} for {self.name}; valid: "
+                       f"{', '.join(self._info.eval_splits)}")
+    return self._info.eval_splits[split]
+
+  def _permutation(self, seed: int, epoch: int) -> np.ndarray:
+    key = (seed, epoch)
+    if key not in self._permutations:
+      # A batch spans at most two epochs: keep the last two permutations (10 MB each on ImageNet).
+      while len(self._permutations) >= 2:
+        self._permutations.pop(next(iter(self._permutations)))
+      self._permutations[key] = np.random.default_rng([seed, epoch]).permutation(
+          self.num_train_examples)
+    return self._permutations[key]
+
+  def _read(self, tfds_split: str, rows: np.ndarray) -> pipeline.Batch:
+    source = self._split_source(tfds_split)
+    examples = source.__getitems__([int(r) for r in rows]) if len(rows) else []
+    x = np.empty((len(rows),) + self.spec.example_shape, np.int32)
+    label = np.empty((len(rows),), np.int32)
+    for i, example in enumerate(examples):
+      x[i] = example["image"]
+      label[i] = example["label"]
+    return {"x": x, "label": label}
+
+  def train_example(self, seed: int, index: np.ndarray) -> pipeline.Batch:
+    """index: int64[n], the global example counter; epoch = index // N walks one permutation."""
+    index = np.asarray(index, np.int64)
+    if index.ndim != 1 or (index < 0).any():
+      raise ValueError(f"index must be a vector of non-negative counters, got {index!r}")
+    epoch, position = np.divmod(index, self.num_train_examples)
+    rows = np.empty_like(index)
+    for e in np.unique(epoch):
+      where = epoch == e
+      rows[where] = self._permutation(seed, int(e))[position[where]]
+    return self._read("train", rows)
+
+  def num_eval_examples(self, split: str) -> int:
+    return len(self._split_source(self._eval_split(split)))
+
+  def eval_example(self, split: str, index: np.ndarray) -> pipeline.Batch:
+    tfds_split = self._eval_split(split)
+    index = np.asarray(index, np.int64)
+    n = len(self._split_source(tfds_split))
+    if index.ndim != 1 or (index < 0).any() or (index >= n).any():
+      raise ValueError(f"{split} indices must lie in [0, {n}), got {index!r}")
+    return self._read(tfds_split, index)

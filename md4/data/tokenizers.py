@@ -1,0 +1,210 @@
+"""Tokenizers for the document corpora (OpenWebText, FineWeb-Edu, a user's own text).
+
+A `Tokenizer` is a small frozen value that holds only a name or a path: the BPE tables or the
+SentencePiece model are loaded lazily, once per process, on first use. So a tokenizer pickles
+cheaply and can be sent to grain's worker processes.
+
+Specs accepted by `get_tokenizer`:
+  "gpt2"                 GPT-2's BPE (tiktoken's "gpt2" encoding): vocab 50257,
+                         EOS "<|endoftext|>" = 50256.
+  "sentencepiece:PATH"   a SentencePiece model file, e.g. one made by `train_sentencepiece`.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import functools
+import hashlib
+import os
+from typing import Iterable, Sequence
+
+SPEC_FORMS = ('"gpt2"', '"sentencepiece:PATH" (a SentencePiece .model file)')
+
+# The GPT-2 BPE files tiktoken fetches on first use, and where it caches them.
+_GPT2_URLS = (
+    "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",
+    "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json",
+)
+_NUM_THREADS = max(1, min(8, os.cpu_count() or 1))
+
+
+class Tokenizer(abc.ABC):
+  """Text <-> token ids. Ids are in [0, vocab_size); `eos_id` ends every document."""
+
+  @property
+  @abc.abstractmethod
+  def name(self) -> str:
+    """The spec that `get_tokenizer` turns back into this tokenizer."""
+
+  @property
+  @abc.abstractmethod
+  def vocab_size(self) -> int:
+    ...
+
+  @property
+  @abc.abstractmethod
+  def eos_id(self) -> int:
+    ...
+
+  @abc.abstractmethod
+  def encode(self, text: str) -> list[int]:
+    """The ids of `text`, without EOS. Special-token strings in the text are ordinary text."""
+
+  @abc.abstractmethod
+  def decode(self, ids: Sequence[int]) -> str:
+    ...
+
+  def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+    """`encode` of each text; subclasses may use several threads."""
+    return [self.encode(t) for t in texts]
+
+
+def _gpt2_cache_names() -> str:
+  return ", ".join(f"{hashlib.sha1(u.encode()).hexdigest()} (= {u})" for u in _GPT2_URLS)
+
+
+@functools.lru_cache(maxsize=1)
+def _gpt2_encoding():
+  try:
+    import tiktoken  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ImportError("the gpt2 tokenizer needs tiktoken: pip install tiktoken==0.14.0") from e
+  try:
+    return tiktoken.get_encoding("gpt2")
+  except Exception as e:  # requests' network errors, hash mismatches, unwritable caches.
+    cache = os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR")
+    where = (f"TIKTOKEN_CACHE_DIR={cache}" if cache else
+             "tiktoken's default cache (TIKTOKEN_CACHE_DIR unset)")
+    raise RuntimeError(
+        f"the GPT-2 BPE file could not be fetched ({type(e).__name__}: {e}); it was not found in "
+        f"{where}. tiktoken downloads it on first use, which needs network access. Either run "
+        f"`python -c \"import tiktoken; tiktoken.get_encoding('gpt2')\"` once with "
+        f"TIKTOKEN_CACHE_DIR=DIR on a machine with network and copy DIR here, or put the two files "
+        f"into DIR under the names tiktoken looks for: {_gpt2_cache_names()}; then set "
+        f"TIKTOKEN_CACHE_DIR=DIR.") from e
+
+
+@dataclasses.dataclass(frozen=True)
+class GPT2Tokenizer(Tokenizer):
+  """GPT-2's byte-level BPE through tiktoken (lossless on any text)."""
+
+  @property
+  def name(self) -> str:
+    return "gpt2"
+
+  @property
+  def vocab_size(self) -> int:
+    return 50257
+
+  @property
+  def eos_id(self) -> int:
+    return 50256
+
+  def encode(self, text):
+    # encode_ordinary: a literal "<|endoftext|>" inside a web page is text, not a document break.
+    return _gpt2_encoding().encode_ordinary(text)
+
+  def encode_batch(self, texts):
+    return _gpt2_encoding().encode_ordinary_batch(list(texts), num_threads=_NUM_THREADS)
+
+  def decode(self, ids):
+    return _gpt2_encoding().decode([int(i) for i in ids])
+
+
+@functools.lru_cache(maxsize=4)
+def _sentencepiece_processor(path: str):
+  import sentencepiece as spm  # pylint: disable=g-import-not-at-top
+  if not os.path.isfile(path):
+    raise ValueError(f"SentencePiece model file {path!r} does not exist")
+  processor = spm.SentencePieceProcessor()
+  if not processor.Load(path):
+    raise ValueError(f"{path!r} is not a SentencePiece model file")
+  if processor.eos_id() < 0:
+    raise ValueError(f"SentencePiece model {path!r} has no EOS piece (trained with eos_id=-1); "
+                     f"documents need one: retrain it with eos_id >= 0 (train_sentencepiece does)")
+  return processor
+
+
+@dataclasses.dataclass(frozen=True)
+class SentencePieceTokenizer(Tokenizer):
+  """A SentencePiece model file; holds only its path."""
+
+  path: str
+
+  @property
+  def name(self) -> str:
+    return f"sentencepiece:{self.path}"
+
+  @property
+  def vocab_size(self) -> int:
+    return _sentencepiece_processor(self.path).get_piece_size()
+
+  @property
+  def eos_id(self) -> int:
+    return _sentencepiece_processor(self.path).eos_id()
+
+  def encode(self, text):
+    return _sentencepiece_processor(self.path).encode(text, out_type=int)
+
+  def encode_batch(self, texts):
+    return _sentencepiece_processor(self.path).encode(list(texts), out_type=int,
+                                                      num_threads=_NUM_THREADS)
+
+  def decode(self, ids):
+    return _sentencepiece_processor(self.path).decode([int(i) for i in ids])
+
+
+def get_tokenizer(spec: str) -> Tokenizer:
+  """The tokenizer named by `spec`: "gpt2" or "sentencepiece:PATH". Loads nothing yet.
+
+  Raises:
+    ValueError: for any other spec, listing the valid forms.
+  """
+  if spec == "gpt2":
+    return GPT2Tokenizer()
+  prefix = "sentencepiece:"
+  if isinstance(spec, str) and spec.startswith(prefix) and len(spec) > len(prefix):
+    return SentencePieceTokenizer(spec[len(prefix):])
+  raise ValueError(f"unknown tokenizer {spec!r}; valid forms: {', '.join(SPEC_FORMS)}")
+
+
+def _training_sentences(texts: Iterable[str], max_bytes: int) -> Iterable[str]:
+  # SentencePiece trains on "sentences" and drops any longer than max_sentence_length bytes, so
+  # documents go in line by line, long lines cut into pieces.
+  for text in texts:
+    for line in text.splitlines():
+      line = line.strip()
+      while line:
+        piece = line[:max_bytes // 4]  # <= 4 UTF-8 bytes per character.
+        line = line[len(piece):]
+        yield piece
+
+
+def train_sentencepiece(texts: Iterable[str], model_prefix: str, vocab_size: int) -> str:
+  """Trains a unigram SentencePiece model on `texts`; for a user's own corpus.
+
+  Ids: unk 0, bos 1, eos 2 (EOS ends every document when a corpus is prepared), no pad.
+
+  Args:
+    texts: documents; they are fed to the trainer line by line.
+    model_prefix: writes `model_prefix.model` and `model_prefix.vocab` (parent dirs are made).
+    vocab_size: number of pieces, control pieces included (> 3).
+
+  Returns:
+    The path of the .model file, for the spec "sentencepiece:PATH".
+  """
+  import sentencepiece as spm  # pylint: disable=g-import-not-at-top
+  if vocab_size <= 3:
+    raise ValueError(f"vocab_size must exceed the 3 control pieces, got {vocab_size}")
+  parent = os.path.dirname(os.path.abspath(model_prefix))
+  os.makedirs(parent, exist_ok=True)
+  max_bytes = 4192
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=iter(_training_sentences(texts, max_bytes)),
+      model_prefix=model_prefix, vocab_size=vocab_size, model_type="unigram",
+      unk_id=0, bos_id=1, eos_id=2, pad_id=-1, max_sentence_length=max_bytes,
+      num_threads=_NUM_THREADS, minloglevel=2)
+  path = model_prefix + ".model"
+  _sentencepiece_processor.cache_clear()  # A retrained model may reuse the path.
+  return path
