@@ -12,19 +12,17 @@ code's values where the paper is terse: residual blocks of width 256 at full res
 transformer of width 768 with 12 heads, dropout 0.1. Depth: 24 residual blocks and 12 transformer
 layers, which the released code notes as the paper's best-likelihood model (its own default, 8 and
 20, is cheaper). AdamW at 2e-4 with a 100-step warm up and cosine decay, b2 0.99, weight decay 0.01,
-EMA 0.9999; batch 512 for 2M steps.
+EMA 0.9999; batch 512 for 2M steps. Everything but the data, the network and the batch is CIFAR-10's
+(configs/md4/cifar10.py), which this file builds on.
 """
 
 from configs import presets
-from md4.config import base_config
+from configs.md4 import cifar10
 
 
 def get_config(arg=None):
-  config = base_config()
-
+  config = cifar10.get_config()
   config.data.dataset = "imagenet64"
-
-  config.model.vocab_size = 256
   config.model.network = "uvit"
   config.model.net = dict(
       features=256,
@@ -39,30 +37,6 @@ def get_config(arg=None):
       dropout_rate=0.1,
       num_classes=0,  # Unconditional: the paper's bits/dim.
   )
-  config.model.schedule = "linear"
-
-  config.optimizer.lr = 2e-4
-  config.optimizer.warmup_steps = 100
-  config.optimizer.decay = "cosine"
-  config.optimizer.b2 = 0.99
-  config.optimizer.weight_decay = 0.01
-  config.optimizer.grad_clip_norm = 0.0  # The released code does not clip; the paper names none.
-  config.optimizer.ema_decay = 0.9999
-
-  config.train.seed = 0
   config.train.batch_size = 512
-  config.train.num_steps = 2_000_000
-  config.train.log_every = 500
-  config.train.eval_every = 10_000
-  config.train.sample_every = 50_000  # Our choice.
-  config.train.checkpoint_every = 5000
-
   # The paper reports on the 50,000 held-out images (image sets serve them as "valid" and "test").
-  config.eval.batch_size = 256
-  config.eval.timesteps = 0
-  config.eval.num_time_samples = 1
-
-  config.sample.num_steps = 256
-  config.sample.method = "ancestral"
-  config.sample.time_grid = "cosine"
   return presets.apply(config, arg)
