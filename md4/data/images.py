@@ -55,7 +55,7 @@ SOURCES: dict[str, ImageSource] = {
         manual_instructions=(
             "download " + ", ".join(_IMAGENET64_ZIPS) + " (\"Downsampled ImageNet 64x64\", "
             "npz format) from https://image-net.org/download-images.php (needs an image-net.org "
-            "account) into one folder and pass it with --source=FOLDER (manual_dir)")),
+            "account) into one folder and pass it as manual_dir")),
 }
 
 
