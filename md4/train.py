@@ -25,6 +25,7 @@ import optax
 import orbax.checkpoint as ocp
 import tqdm
 from clu import metrics as clu_metrics
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from md4 import config as config_lib
@@ -234,18 +235,32 @@ def abstract_state(setup: Setup) -> TrainState:
 
 
 class _Preemption:
-  """Turns SIGTERM into a flag the loop checks, so it can save before exiting."""
+  """Turns SIGTERM into a stop the loop checks after each step, so it can save before exiting.
+
+  With several processes the stop must come at the same step everywhere (saving is collective), but
+  SIGTERM reaches each process at its own moment: there JAX's preemption service, which catches
+  SIGTERM once jax.distributed is initialized, agrees on the step.
+  """
 
   def __init__(self):
     self.requested = False
     self._previous = None
+    self._multiprocess = jax.process_count() > 1
 
   def __enter__(self):
+    if self._multiprocess:  # Leave SIGTERM to JAX's handler.
+      return self
     try:
       self._previous = signal.signal(signal.SIGTERM, self._handle)
     except ValueError:  # Not the main thread: leave signals alone.
       self._previous = None
     return self
+
+  def stop_after(self, step: int) -> bool:
+    """Whether to save and stop after `step`; called after every step, in every process."""
+    if self._multiprocess:
+      self.requested = multihost_utils.reached_preemption_sync_point(step)
+    return self.requested
 
   def _handle(self, signum, frame):
     del signum, frame
@@ -332,9 +347,10 @@ def train(cfg: Config, workdir: str, *, dataset: Dataset | None = None,
         _log(f"step {done}: eval {result.summary()}")
       if tcfg.sample_every and done % tcfg.sample_every == 0:
         _write_samples(sampler, state, dataset, cfg, workdir, done)
-      if done % tcfg.checkpoint_every == 0 or done == tcfg.num_steps or preemption.requested:
+      stop = preemption.stop_after(done)
+      if done % tcfg.checkpoint_every == 0 or done == tcfg.num_steps or stop:
         checkpointer.save(state, data_iter.get_state())
-      if preemption.requested:
+      if stop:
         _log(f"SIGTERM: saved the checkpoint at step {done} and stopped")
         preempted = True
         break
