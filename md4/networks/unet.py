@@ -139,6 +139,46 @@ class AttentionBlock(nn.Module):
     return x + h.reshape(b, height, width, f).astype(jnp.float32)
 
 
+class ResNetEnds:
+  """The full-resolution ends that UNet and UViT share, built inside the caller's compact method (so
+  parameters keep the caller's names): pixel embedding, input conv and the down ResBlocks, whose
+  outputs are kept as skips; then the up ResBlocks that consume them and the logits head.
+
+  cfg: a UNetConfig or UViTConfig (vocab_size, num_channels, features, num_res_blocks,
+  norm_groups, dropout_rate, dtype, remat).
+  """
+
+  def __init__(self, cfg: Any, train: bool):
+    self.cfg = cfg
+    self._block_cls = nn.remat(ResBlock) if cfg.remat else ResBlock
+    self._train = train
+    self.skips: list[Array] = []
+
+  def res_block(self, name: str) -> nn.Module:
+    cfg = self.cfg
+    return self._block_cls(cfg.features, cfg.norm_groups, cfg.dropout_rate,
+                           deterministic=not self._train, dtype=cfg.dtype, name=name)
+
+  def down(self, z: Array, c: Array | None) -> Array:
+    """z: int32[B, H, W, C] -> float32[B, H, W, features], keeping each stage's output."""
+    cfg = self.cfg
+    x = PixelEmbedding(cfg.vocab_size, cfg.features, name="pixel_embed")(z)
+    h = nn.Conv(cfg.features, (3, 3), dtype=cfg.dtype, name="conv_in")(x).astype(jnp.float32)
+    self.skips = [h]
+    for i in range(cfg.num_res_blocks):
+      h = self.res_block(f"down_{i}")(h, c)
+      self.skips.append(h)
+    return h
+
+  def up(self, h: Array, c: Array | None) -> Array:
+    """float32[B, H, W, features] -> float32[B, H, W, C, vocab_size] logits."""
+    cfg = self.cfg
+    for i in range(cfg.num_res_blocks + 1):
+      h = self.res_block(f"up_{i}")(jnp.concatenate([h, self.skips.pop()], axis=-1), c)
+    return PixelLogits(cfg.vocab_size, cfg.num_channels, cfg.norm_groups, dtype=cfg.dtype,
+                       name="logits")(h)
+
+
 @dataclasses.dataclass(frozen=True)
 class UNetConfig:
   """Configuration of `UNet`.
@@ -222,24 +262,11 @@ class UNet(nn.Module):
     check_image_inputs(z, cfg.num_channels)
     c = ConditionEmbedding(4 * cfg.features, cfg.time_conditioning, cfg.num_classes,
                            name="cond_embed")(t, cond)
-    res_block_cls = nn.remat(ResBlock) if cfg.remat else ResBlock
-
-    def res_block(name):
-      return res_block_cls(cfg.features, cfg.norm_groups, cfg.dropout_rate,
-                           deterministic=not train, dtype=cfg.dtype, name=name)
-
-    x = PixelEmbedding(cfg.vocab_size, cfg.features, name="pixel_embed")(z)
-    h = nn.Conv(cfg.features, (3, 3), dtype=cfg.dtype, name="conv_in")(x).astype(jnp.float32)
-    skips = [h]
-    for i in range(cfg.num_res_blocks):
-      h = res_block(f"down_{i}")(h, c)
-      skips.append(h)
-    h = res_block("mid_0")(h, c)
+    ends = ResNetEnds(cfg, train)
+    h = ends.down(z, c)
+    h = ends.res_block("mid_0")(h, c)
     if cfg.attention:
       h = AttentionBlock(cfg.num_heads, cfg.norm_groups, cfg.dtype, cfg.attention_impl,
                          name="mid_attn")(h)
-    h = res_block("mid_1")(h, c)
-    for i in range(cfg.num_res_blocks + 1):
-      h = res_block(f"up_{i}")(jnp.concatenate([h, skips.pop()], axis=-1), c)
-    return PixelLogits(cfg.vocab_size, cfg.num_channels, cfg.norm_groups, dtype=cfg.dtype,
-                       name="logits")(h)
+    h = ends.res_block("mid_1")(h, c)
+    return ends.up(h, c)

@@ -26,7 +26,7 @@ from md4.networks.transformer import (
     check_positive,
     rope_angles_2d,
 )
-from md4.networks.unet import PixelEmbedding, PixelLogits, ResBlock, check_image_inputs
+from md4.networks.unet import ResNetEnds, check_image_inputs
 
 Array = jax.Array
 
@@ -158,18 +158,8 @@ class UViT(nn.Module):
                        f"got z of shape {z.shape}")
     c = ConditionEmbedding(cfg.d_model, cfg.time_conditioning, cfg.num_classes,
                            name="cond_embed")(t, cond)
-    res_block_cls = nn.remat(ResBlock) if cfg.remat else ResBlock
-
-    def res_block(name):
-      return res_block_cls(cfg.features, cfg.norm_groups, cfg.dropout_rate,
-                           deterministic=not train, dtype=cfg.dtype, name=name)
-
-    x = PixelEmbedding(cfg.vocab_size, cfg.features, name="pixel_embed")(z)
-    h = nn.Conv(cfg.features, (3, 3), dtype=cfg.dtype, name="conv_in")(x).astype(jnp.float32)
-    skips = [h]
-    for i in range(cfg.num_res_blocks):
-      h = res_block(f"down_{i}")(h, c)
-      skips.append(h)
+    ends = ResNetEnds(cfg, train)
+    h = ends.down(z, c)
 
     patches = space_to_depth(h, p)
     b, hp, wp, _ = patches.shape
@@ -192,7 +182,4 @@ class UViT(nn.Module):
     patches = FinalLayer(p * p * cfg.features, dtype=cfg.dtype, name="patch_out")(tokens, c)
     h = depth_to_space(patches.reshape(b, hp, wp, -1), p).astype(jnp.float32)
 
-    for i in range(cfg.num_res_blocks + 1):
-      h = res_block(f"up_{i}")(jnp.concatenate([h, skips.pop()], axis=-1), c)
-    return PixelLogits(cfg.vocab_size, cfg.num_channels, cfg.norm_groups, dtype=cfg.dtype,
-                       name="logits")(h)
+    return ends.up(h, c)
