@@ -25,7 +25,6 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import jax  # noqa: E402  (after the path set-up, like the configs)
-import numpy as np  # noqa: E402
 
 from md4 import config as config_lib  # noqa: E402
 from md4 import generate, model, sharding, train  # noqa: E402

@@ -1,6 +1,5 @@
 """The trainer on the tiny config: resume exactness, accumulation, checkpoints, eval, the CLI."""
 
-import dataclasses
 import math
 import os
 import shutil
