@@ -1,7 +1,8 @@
 """Tests of CIFAR-10 and ImageNet 64x64 through their tfds builders, array_record and data_source.
 
-Offline: the fixture writes small fake downloads (CIFAR's binary batches; ImageNet 64x64's zipped
-npz files in a manual_dir) and runs the real builders on them with `prepare_images`. tfds needs
+Offline: the fixture writes small fake downloads (CIFAR's binary batches; downsampled ImageNet
+64x64's tar files of PNGs and imagenet_resized's zipped npz files, each in a manual_dir) and runs
+the real builders on them with `prepare_images`. tfds needs
 TensorFlow for three calls while preparing (`tf.io.gfile.GFile` to read the downloads and
 `tf.image.encode_png`); this environment has none, so the fixture stands in for exactly those with
 `open` and PIL. Everything else (the builders, the array_record writer, `tfds.data_source` and PNG
@@ -16,6 +17,7 @@ import pickle
 import re
 import socket
 import subprocess
+import tarfile
 import sys
 import types
 import zipfile
@@ -34,8 +36,10 @@ from md4.data import images, pipeline
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _CIFAR_PER_FILE = 4  # 5 training files: 20 training images; 7 test images.
 _CIFAR_TEST = 7
-_IMAGENET_TRAIN = (5, 4)  # Images in train part 1 and part 2.
+_IMAGENET_TRAIN = (5, 4)  # imagenet_resized: images in train part 1 and part 2.
 _IMAGENET_VAL = 6
+_DOWNSAMPLED_TRAIN = 7  # downsampled_imagenet (the paper's ImageNet 64x64).
+_DOWNSAMPLED_VAL = 5
 
 
 @contextlib.contextmanager
@@ -64,11 +68,15 @@ def _identity(x, label):
   return x.astype(np.uint8).tobytes(), int(label)
 
 
-def _encode_png_with_pil(self, image):
-  del self
+def _png(image):
   buffer = io.BytesIO()
   PIL.Image.fromarray(image).save(buffer, format="PNG")
   return buffer.getvalue()
+
+
+def _encode_png_with_pil(self, image):
+  del self
+  return _png(image)
 
 
 def _without_tensorflow(monkeypatch):
@@ -98,7 +106,25 @@ def _fake_cifar_download(root, rng):
   return written
 
 
-def _fake_imagenet64_manual_dir(folder, rng):
+def _fake_downsampled_imagenet_manual_dir(folder, rng):
+  """van den Oord et al.'s downsampled ImageNet: tar files of 64x64 RGB PNGs, no labels."""
+  folder.mkdir(parents=True)
+  written = {}
+  for tar_name, split, count in (("train_64x64.tar", "train", _DOWNSAMPLED_TRAIN),
+                                 ("valid_64x64.tar", "validation", _DOWNSAMPLED_VAL)):
+    hwc = rng.integers(0, 256, (count, 64, 64, 3), dtype=np.uint8)
+    hwc[0, 0, 0] = [0, 255, 7]  # The extreme values occur.
+    with tarfile.open(folder / tar_name, "w") as tar:
+      for i, image in enumerate(hwc):
+        data = _png(image)
+        info = tarfile.TarInfo(f"{tar_name[:-4]}/{i:08d}.png")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    written[split] = collections.Counter(x.tobytes() for x in hwc)
+  return written
+
+
+def _fake_imagenet64_resized_manual_dir(folder, rng):
   """Downsampled ImageNet: zips of npz files, data uint8[N, 3*64*64] (CHW) and labels from 1."""
   folder.mkdir(parents=True)
   written = {"train": collections.Counter(), "validation": collections.Counter()}
@@ -132,18 +158,23 @@ def prepared(tmp_path_factory):
                lambda self, url: cifar_download)
     cifar_summary = images.prepare_images("cifar10", data_dir)
 
-    manual_dir = root / "manual"
-    imagenet_written = _fake_imagenet64_manual_dir(manual_dir, rng)
-    # The fake zips cannot have the registered sha256; everything else of tfds' manual_dir path
-    # (finding the files by name, validating, iterating the archives) runs as for real files.
+    # The fake archives cannot have the registered sha256; everything else of tfds' manual_dir
+    # path (finding the files by name, validating, iterating the archives) runs as for real files.
     registered = {info.filename: info
-                  for info in tfds.builder_cls("imagenet_resized").url_infos.values()}
+                  for builder in ("imagenet_resized", "downsampled_imagenet")
+                  for info in tfds.builder_cls(builder).url_infos.values()}
     mp.setattr(tfds_checksums, "compute_url_info",
                lambda path, *args, **kwargs: registered[os.path.basename(path)])
-    imagenet_summary = images.prepare_images("imagenet64", data_dir, manual_dir=str(manual_dir))
+    downsampled_written = _fake_downsampled_imagenet_manual_dir(root / "manual_ds", rng)
+    imagenet_summary = images.prepare_images("imagenet64", data_dir,
+                                             manual_dir=str(root / "manual_ds"))
+    resized_written = _fake_imagenet64_resized_manual_dir(root / "manual_resized", rng)
+    resized_summary = images.prepare_images("imagenet64_resized", data_dir,
+                                            manual_dir=str(root / "manual_resized"))
   return types.SimpleNamespace(data_dir=data_dir, cifar_summary=cifar_summary,
                                cifar_written=cifar_written, imagenet_summary=imagenet_summary,
-                               imagenet_written=imagenet_written)
+                               imagenet_written=downsampled_written,
+                               resized_summary=resized_summary, resized_written=resized_written)
 
 
 @pytest.fixture(scope="module")
@@ -160,9 +191,12 @@ def _identities(batch):
 
 def test_prepare_returns_the_split_counts(prepared):
   assert prepared.cifar_summary["splits"] == {"train": 5 * _CIFAR_PER_FILE, "test": _CIFAR_TEST}
-  assert prepared.imagenet_summary["splits"] == {"train": sum(_IMAGENET_TRAIN),
-                                                 "validation": _IMAGENET_VAL}
-  assert prepared.imagenet_summary["tfds_name"] == "imagenet_resized/64x64"
+  assert prepared.imagenet_summary["splits"] == {"train": _DOWNSAMPLED_TRAIN,
+                                                 "validation": _DOWNSAMPLED_VAL}
+  assert prepared.imagenet_summary["tfds_name"] == "downsampled_imagenet/64x64"
+  assert prepared.resized_summary["splits"] == {"train": sum(_IMAGENET_TRAIN),
+                                                "validation": _IMAGENET_VAL}
+  assert prepared.resized_summary["tfds_name"] == "imagenet_resized/64x64"
   assert os.listdir(prepared.cifar_summary["data_dir"])  # tfds' layout: data_dir/cifar10/3.0.2.
 
 
@@ -177,20 +211,31 @@ def test_prepare_without_tensorflow_says_how_to_install_it(monkeypatch, tmp_path
     images.prepare_images("cifar10", str(tmp_path))
 
 
-def test_imagenet64_without_manual_dir_names_the_files(tmp_path):
-  with pytest.raises(ValueError, match="Imagenet64_val_npz.zip.*pass it as manual_dir"):
+def test_imagenet64_without_its_tar_files_names_both(tmp_path):
+  with pytest.raises(ValueError, match="train_64x64.tar.*valid_64x64.tar.*pass it as manual_dir"):
     images.prepare_images("imagenet64", str(tmp_path))
+  (tmp_path / "manual").mkdir()
+  (tmp_path / "manual" / "valid_64x64.tar").write_bytes(b"")
+  with pytest.raises(ValueError, match="lacks train_64x64.tar:"):
+    images.prepare_images("imagenet64", str(tmp_path), manual_dir=str(tmp_path / "manual"))
+
+
+def test_imagenet64_resized_without_manual_dir_names_the_files(tmp_path):
+  with pytest.raises(ValueError, match="Imagenet64_val_npz.zip.*pass it as manual_dir"):
+    images.prepare_images("imagenet64_resized", str(tmp_path))
   (tmp_path / "manual").mkdir()
   (tmp_path / "manual" / "Imagenet64_val_npz.zip").write_bytes(b"")
   with pytest.raises(ValueError, match="lacks Imagenet64_train_part1_npz.zip, "
                      "Imagenet64_train_part2_npz.zip:"):
-    images.prepare_images("imagenet64", str(tmp_path), manual_dir=str(tmp_path / "manual"))
+    images.prepare_images("imagenet64_resized", str(tmp_path),
+                          manual_dir=str(tmp_path / "manual"))
 
 
 @pytest.mark.parametrize("make", [lambda d: images.prepare_images("mnist", d),
                                   lambda d: images.TfdsImages("mnist", d)])
 def test_unknown_name_lists_the_valid_ones(make, tmp_path):
-  with pytest.raises(ValueError, match="unknown image dataset 'mnist'; valid: cifar10, imagenet64"):
+  with pytest.raises(ValueError, match="unknown image dataset 'mnist'; valid: cifar10, imagenet64, "
+                     "imagenet64_resized"):
     make(str(tmp_path))
 
 
@@ -209,7 +254,12 @@ def test_unprepared_dataset_names_the_command_and_downloads_nothing(tmp_path):
 def test_spec_matches_the_dataset(cifar, prepared):
   assert cifar.spec == pipeline.DatasetSpec(256, (32, 32, 3), "image", "dim", 10)
   imagenet = images.TfdsImages("imagenet64", prepared.data_dir)
-  assert imagenet.spec == pipeline.DatasetSpec(256, (64, 64, 3), "image", "dim", 1000)
+  assert imagenet.spec == pipeline.DatasetSpec(256, (64, 64, 3), "image", "dim", 0)
+  resized = images.TfdsImages("imagenet64_resized", prepared.data_dir)
+  assert resized.spec == pipeline.DatasetSpec(256, (64, 64, 3), "image", "dim", 1000)
+  for name in ("cifar10", "imagenet64", "imagenet64_resized"):  # The specs known without data.
+    spec = pipeline.get_spec(pipeline.DataConfig(dataset=name))
+    assert spec == images.TfdsImages(name, prepared.data_dir).spec
 
 
 def test_train_examples_have_the_spec_shape_dtype_and_range(cifar):
@@ -270,14 +320,29 @@ def test_unknown_eval_split_lists_the_valid_ones(cifar):
     cifar.num_eval_examples("train")
 
 
-def test_imagenet64_reads_the_images_and_zero_based_labels_of_the_npz_files(prepared):
+def test_imagenet64_is_downsampled_imagenet_read_pixel_exact_without_labels(prepared):
   imagenet = images.TfdsImages("imagenet64", prepared.data_dir)
   n = imagenet.num_train_examples
+  assert n == _DOWNSAMPLED_TRAIN
+  train = imagenet.train_example(0, np.arange(n))
+  assert set(train) == {"x"}
+  assert collections.Counter(x.astype(np.uint8).tobytes() for x in train["x"]) == (
+      prepared.imagenet_written["train"])
+  for split in ("test", "valid"):  # Both read the validation images: the paper's test set.
+    assert imagenet.num_eval_examples(split) == _DOWNSAMPLED_VAL
+    batch = imagenet.eval_example(split, np.arange(_DOWNSAMPLED_VAL))
+    assert collections.Counter(x.astype(np.uint8).tobytes() for x in batch["x"]) == (
+        prepared.imagenet_written["validation"])
+
+
+def test_imagenet64_resized_reads_the_images_and_zero_based_labels_of_the_npz_files(prepared):
+  imagenet = images.TfdsImages("imagenet64_resized", prepared.data_dir)
+  n = imagenet.num_train_examples
   assert n == sum(_IMAGENET_TRAIN)
-  assert _identities(imagenet.train_example(0, np.arange(n))) == prepared.imagenet_written["train"]
+  assert _identities(imagenet.train_example(0, np.arange(n))) == prepared.resized_written["train"]
   assert imagenet.num_eval_examples("test") == _IMAGENET_VAL
   assert (_identities(imagenet.eval_example("test", np.arange(_IMAGENET_VAL)))
-          == prepared.imagenet_written["validation"])
+          == prepared.resized_written["validation"])
   labels = imagenet.eval_example("valid", np.arange(_IMAGENET_VAL))["label"]
   assert labels.max() < 1000 and 999 in labels
 

@@ -1,16 +1,18 @@
 """CIFAR-10 and ImageNet 64x64: written by their tfds builders as array_record, read without TF.
 
 Preparing (`prepare_images`) runs the tfds builder with `file_format="array_record"` into the usual
-tfds layout under data_dir (data_dir/cifar10/3.0.2/..., data_dir/imagenet_resized/64x64/0.1.0/...).
+tfds layout under data_dir (data_dir/cifar10/3.0.2/..., data_dir/downsampled_imagenet/64x64/...).
 In tfds 4.9.10 that needs TensorFlow: the builders read their downloads through `tf.io.gfile` and
-tfds encodes every image to PNG with `tf.image.encode_png`. So preparing needs the `tf` extra
-(`pip install -e '.[tf]'`); reading (`TfdsImages`) goes through `tfds.data_source`, which is
-array_record random access plus PNG decoding with PIL, and needs no TensorFlow.
+tfds encodes images with `tf.image`. So preparing needs the `tf` extra (`pip install -e '.[tf]'`);
+reading (`TfdsImages`) goes through `tfds.data_source`, which is array_record random access plus
+image decoding with PIL, and needs no TensorFlow.
 
-ImageNet 64x64 (tfds "imagenet_resized/64x64") is a manual download: image-net.org serves the three
-zip files only to registered users, so the tfds download URL does not work unattended
-(tensorflow/datasets#3563). Put the zips in a folder and pass it as manual_dir; tfds then uses them
-in place (it checks their sha256 against the registered checksums, and copies nothing).
+"imagenet64" is the paper's: tfds `downsampled_imagenet/64x64`, the density-estimation benchmark of
+van den Oord et al. (2016) that the released code reads (images only, no labels). Its two tar
+files are a manual download: put them in a folder and pass it as manual_dir; tfds finds them there
+by name, checks their sha256 against the registered checksums and reads them in place.
+"imagenet64_resized" is tfds `imagenet_resized/64x64`, a different resize (with labels) made for
+classification: bits/dim on it are not comparable with the paper's.
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ import tensorflow_datasets as tfds
 
 from md4.data import pipeline
 
-_IMAGENET64_ZIPS = ("Imagenet64_train_part1_npz.zip", "Imagenet64_train_part2_npz.zip",
-                    "Imagenet64_val_npz.zip")
+_IMAGENET64_TARS = ("train_64x64.tar", "valid_64x64.tar")
+_IMAGENET64_RESIZED_ZIPS = ("Imagenet64_train_part1_npz.zip", "Imagenet64_train_part2_npz.zip",
+                            "Imagenet64_val_npz.zip")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,17 +48,26 @@ class ImageSource:
 SOURCES: dict[str, ImageSource] = {
     # CIFAR-10 has no validation split: "valid" is the test split, as for ImageSet.
     "cifar10": ImageSource("cifar10", (32, 32, 3), 10, {"test": "test", "valid": "test"}),
-    # imagenet_resized has train (1,281,167) and validation (50,000) splits. The validation
-    # images are the test set of the generative-modelling literature (the paper's bits/dim on
-    # ImageNet 64x64 are on them), so both "test" and "valid" read them.
+    # The validation images are the test set of the generative-modelling literature (the paper's
+    # bits/dim on ImageNet 64x64 are on them), so both "test" and "valid" read them.
     "imagenet64": ImageSource(
+        "downsampled_imagenet/64x64", (64, 64, 3), 0,
+        {"test": "validation", "valid": "validation"},
+        manual_files=_IMAGENET64_TARS,
+        manual_instructions=(
+            "download train_64x64.tar (12.1 GB) and valid_64x64.tar (477 MB), the downsampled "
+            "ImageNet 64x64 of van den Oord et al. (2016) that tfds registers at "
+            "http://image-net.org/small/ with their sha256, into one folder and pass it as "
+            "manual_dir")),
+    # Not the paper's data: another resize, made for classification (bits/dim not comparable).
+    "imagenet64_resized": ImageSource(
         "imagenet_resized/64x64", (64, 64, 3), 1000,
         {"test": "validation", "valid": "validation"},
-        manual_files=_IMAGENET64_ZIPS,
+        manual_files=_IMAGENET64_RESIZED_ZIPS,
         manual_instructions=(
-            "download " + ", ".join(_IMAGENET64_ZIPS) + " (\"Downsampled ImageNet 64x64\", "
-            "npz format) from https://image-net.org/download-images.php (needs an image-net.org "
-            "account) into one folder and pass it as manual_dir")),
+            "download " + ", ".join(_IMAGENET64_RESIZED_ZIPS) + " (\"Downsampled ImageNet "
+            "64x64\", npz format) from https://image-net.org/download-images.php (needs an "
+            "image-net.org account) into one folder and pass it as manual_dir")),
 }
 
 
@@ -73,10 +85,10 @@ def prepare_images(name: str, data_dir: str, *, manual_dir: str | None = None) -
   """Downloads (or takes from manual_dir) and writes dataset `name` as array_record under data_dir.
 
   Args:
-    name: "cifar10" or "imagenet64".
+    name: "cifar10", "imagenet64" or "imagenet64_resized".
     data_dir: the tfds data directory; the dataset lands in tfds' own layout below it, and the
       downloads in data_dir/downloads.
-    manual_dir: folder holding the manually downloaded files (required for "imagenet64").
+    manual_dir: folder holding the manually downloaded files (required for the ImageNets).
 
   Returns:
     {"name", "tfds_name", "data_dir" (the dataset's own folder), "splits": {split: num_examples}}.
@@ -110,7 +122,8 @@ def prepare_images(name: str, data_dir: str, *, manual_dir: str | None = None) -
 class TfdsImages(pipeline.Dataset):
   """A prepared tfds image dataset, read by random access; training walks a permutation per epoch.
 
-  Examples: {"x": int32[n, H, W, 3] in [0, 256), "label": int32[n] in [0, num_classes)}.
+  Examples: {"x": int32[n, H, W, 3] in [0, 256)}, with "label": int32[n] in [0, num_classes) for
+  labelled datasets.
   The data sources are opened in the constructor (so a missing dataset fails at once) and again,
   lazily, after unpickling: a pickled TfdsImages carries only the name and the directory.
   """
@@ -143,8 +156,10 @@ class TfdsImages(pipeline.Dataset):
                        f"`md4 prepare {self.name} --data_dir=DIR`")
     features = builder.info.features
     shape = tuple(features["image"].shape)
-    classes = features["label"].num_classes
-    if shape != self._info.image_shape or classes != self._info.num_classes:
+    classes = features["label"].num_classes if "label" in features else 0
+    # downsampled_imagenet declares (None, None, 3): its sizes are checked per image when read.
+    fits = len(shape) == 3 and all(s in (None, e) for s, e in zip(shape, self._info.image_shape))
+    if not fits or classes != self._info.num_classes:
       raise ValueError(f"dataset {self.name} in {self.data_dir} has images {shape} and {classes} "
                        f"classes; expected {self._info.image_shape} and {self._info.num_classes}")
     # download=False: a dataset that vanished between the check and here fails, never downloads.
@@ -175,11 +190,14 @@ class TfdsImages(pipeline.Dataset):
     source = self._split_source(tfds_split)
     examples = source.__getitems__([int(r) for r in rows]) if len(rows) else []
     x = np.empty((len(rows),) + self.spec.example_shape, np.int32)
-    label = np.empty((len(rows),), np.int32)
     for i, example in enumerate(examples):
+      if example["image"].shape != self.spec.example_shape:
+        raise ValueError(f"dataset {self.name} in {self.data_dir}: {tfds_split} example {rows[i]} "
+                         f"has shape {example['image'].shape}, expected {self.spec.example_shape}")
       x[i] = example["image"]
-      label[i] = example["label"]
-    return {"x": x, "label": label}
+    if not self.spec.num_classes:
+      return {"x": x}
+    return {"x": x, "label": np.array([e["label"] for e in examples], np.int32).reshape(-1)}
 
   def train_example(self, seed: int, index: np.ndarray) -> pipeline.Batch:
     """index: int64[n], the global example counter; epoch = index // N walks one permutation."""

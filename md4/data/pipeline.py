@@ -302,7 +302,8 @@ SPECS: dict[str, Callable[[DataConfig], DatasetSpec]] = {
     "fineweb_edu": _document_spec,
     "mnist": lambda cfg: DatasetSpec(256, (28, 28, 1), "image", "dim", 10),
     "cifar10": lambda cfg: DatasetSpec(256, (32, 32, 3), "image", "dim", 10),
-    "imagenet64": lambda cfg: DatasetSpec(256, (64, 64, 3), "image", "dim", 1000),
+    "imagenet64": lambda cfg: DatasetSpec(256, (64, 64, 3), "image", "dim", 0),
+    "imagenet64_resized": lambda cfg: DatasetSpec(256, (64, 64, 3), "image", "dim", 1000),
 }
 
 
@@ -346,6 +347,7 @@ LOADERS: dict[str, Callable[[DataConfig], Dataset]] = {
     "fineweb_edu": _load_documents,
     "cifar10": _load_images,
     "imagenet64": _load_images,
+    "imagenet64_resized": _load_images,
 }
 
 

@@ -44,6 +44,7 @@ PREPARERS: dict[str, Callable[..., dict]] = {
     "fineweb_edu": _documents("fineweb_edu"),
     "cifar10": _images("cifar10"),
     "imagenet64": _images("imagenet64"),
+    "imagenet64_resized": _images("imagenet64_resized"),
 }
 
 
