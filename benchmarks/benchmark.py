@@ -93,7 +93,7 @@ def bench_sampling(cfg: config_lib.Config, setup, state, method: str):
   cfg = dataclasses.replace(cfg, sample=dataclasses.replace(cfg.sample, method=method))
   sampler = generate.Sampler(setup.network, cfg)
   n = _SAMPLE_BATCH.value
-  init = generate.unconditional_init(setup.spec, n)
+  init = generate.unconditional_init(setup.spec, n, cfg.model.vocab_size)
   labels = generate.default_labels(setup.spec, n, model.is_conditional(cfg))
   key = jax.random.key(0)
   start = time.perf_counter()

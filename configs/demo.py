@@ -2,8 +2,9 @@
 
   md4 train                  # this config is the default; or: md4 train --config=configs/demo.py
 
-On 2 CPU cores it takes about 6 minutes and reaches about 2.8 bits/char on the whole validation
+On 2 CPU cores it takes about 6 minutes and reaches about 2.9 bits/char on the whole validation
 split, well below the corpus's unigram entropy (4.08 bits/char). Samples go to runs/demo/samples/.
+The network is the paper's transformer (the released code's) at demo size.
 Presets: "tiny" (configs/presets.py; configs/tiny.py is that preset).
 """
 
@@ -17,7 +18,9 @@ def get_config(arg=None):
   config.data.seq_length = 64
   config.model.vocab_size = 27
   config.model.network = "transformer"
-  config.model.net = dict(num_layers=3, num_heads=4, d_model=128, mlp_ratio=2.0)
+  # The paper's network (the transformer's defaults) at demo size: 4 heads of 32, a 32-wide
+  # conditioning vector as the paper's is one head wide.
+  config.model.net = dict(num_layers=3, num_heads=4, d_model=128, cond_dim=32, mlp_ratio=2.0)
   config.model.schedule = "linear"
   config.optimizer.lr = 2e-3
   config.optimizer.warmup_steps = 100

@@ -30,7 +30,10 @@ class ModelConfig:
   # The network's own fields (md4.networks.*Config), less vocab_size and dtype, which are set from
   # model.vocab_size and train.compute_dtype.
   net: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-  vocab_size: int = 27  # Must equal the dataset's; the mask id is vocab_size.
+  vocab_size: int = 27  # The dataset's plus extra_tokens; the mask id is vocab_size.
+  # Vocabulary entries beyond the dataset's, which never occur in the data (the released GenMD4
+  # OpenWebText model has 2: 50259 = GPT-2's 50257 + 2). Samples never contain them.
+  extra_tokens: int = 0
   schedule: str = "linear"  # md4.schedules.get_schedule name (MD4).
   eps: float = 1e-4
   state_dependent: bool = False  # GenMD4: learnable per-token exponents, alpha_v = 1 - t^{w_v}.
@@ -149,6 +152,8 @@ def validate(cfg: Config) -> None:
        f"({cfg.train.grad_accum_steps})"),
       (cfg.train.compute_dtype in ("float32", "bfloat16"),
        f"train.compute_dtype must be 'float32' or 'bfloat16', got {cfg.train.compute_dtype!r}"),
+      (cfg.model.extra_tokens >= 0,
+       f"model.extra_tokens must be >= 0, got {cfg.model.extra_tokens}"),
       (cfg.model.network_masks in (1, 2),
        f"model.network_masks must be 1 or 2, got {cfg.model.network_masks}"),
       (cfg.optimizer.decay in ("cosine", "constant"),

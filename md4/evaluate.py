@@ -85,5 +85,7 @@ class Evaluator:
     var = max(s2 / n - (s1 / n) ** 2, 0.0) * n / max(n - 1, 1)
     return EvalResult(
         nats_per_example=nats / n, bits_per_token=nats / tokens / math.log(2.0),
-        bits_se=math.sqrt(var / n) / math.log(2.0), perplexity=math.exp(nats / tokens),
+        bits_se=math.sqrt(var / n) / math.log(2.0),
+        # exp overflows a float past ~709 nats per token (a diverged model): report inf.
+        perplexity=math.exp(nats / tokens) if nats / tokens < 700 else math.inf,
         num_examples=int(n), unit=dataset.spec.unit)

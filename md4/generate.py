@@ -26,20 +26,22 @@ def _check_text8(spec: DatasetSpec, what: str) -> None:
                      f"has vocabulary {spec.vocab_size} over {spec.kind}")
 
 
-def prompt_init(spec: DatasetSpec, prompt: str, num_samples: int) -> np.ndarray:
-  """int32[N, L]: the prompt's characters first, every later position masked."""
+def prompt_init(spec: DatasetSpec, prompt: str, num_samples: int, mask_id: int) -> np.ndarray:
+  """int32[N, L]: the prompt's characters first, every later position mask_id (the model's
+  vocab_size)."""
   _check_text8(spec, "--prompt")
   ids = text8.encode(prompt)
   length = spec.example_shape[0]
   if len(ids) > length:
     raise ValueError(f"the prompt has {len(ids)} characters; the model's sequences have {length}")
-  init = np.full((num_samples, length), spec.vocab_size, np.int32)
+  init = np.full((num_samples, length), mask_id, np.int32)
   init[:, :len(ids)] = ids
   return init
 
 
-def infill_init(spec: DatasetSpec, template: str, num_samples: int) -> np.ndarray:
-  """int32[N, L]: the template with each '_' masked; positions past its end are generated too."""
+def infill_init(spec: DatasetSpec, template: str, num_samples: int, mask_id: int) -> np.ndarray:
+  """int32[N, L]: the template with each '_' set to mask_id (the model's vocab_size); positions past
+  its end are generated too."""
   _check_text8(spec, "--infill")
   length = spec.example_shape[0]
   if len(template) > length:
@@ -47,7 +49,7 @@ def infill_init(spec: DatasetSpec, template: str, num_samples: int) -> np.ndarra
                      f"{length}")
   if BLANK not in template:
     raise ValueError(f"the infill template has no blank {BLANK!r} to fill")
-  row = np.full(length, spec.vocab_size, np.int32)
+  row = np.full(length, mask_id, np.int32)
   for i, ch in enumerate(template):
     if ch != BLANK:
       row[i] = text8.encode(ch)[0]
@@ -64,8 +66,12 @@ class Sampler:
   @staticmethod
   def _sample(params, rng, init, labels, *, network, cfg):
     s = cfg.sample
+    denoise_fn = model.denoiser(network, params, labels)
+    if cfg.model.extra_tokens:  # Ids that never occur in the data are never drawn.
+      real = jnp.arange(cfg.model.vocab_size) < cfg.model.vocab_size - cfg.model.extra_tokens
+      denoise_fn = lambda z, t, f=denoise_fn: jnp.where(real, f(z, t), -jnp.inf)
     return sampling.sample_with_info(
-        model.denoiser(network, params, labels), rng, init, model.make_schedule(cfg.model, params),
+        denoise_fn, rng, init, model.make_schedule(cfg.model, params),
         vocab_size=cfg.model.vocab_size, num_steps=s.num_steps, method=s.method,
         top_p=None if s.top_p >= 1.0 else s.top_p, time_grid_kind=s.time_grid,
         reuse_unchanged=s.reuse_unchanged)
@@ -76,8 +82,9 @@ class Sampler:
                      None if labels is None else jnp.asarray(labels, jnp.int32))
 
 
-def unconditional_init(spec: DatasetSpec, num_samples: int) -> np.ndarray:
-  return np.full((num_samples,) + spec.example_shape, spec.vocab_size, np.int32)
+def unconditional_init(spec: DatasetSpec, num_samples: int, mask_id: int) -> np.ndarray:
+  """int32[N, *S], every position mask_id (the model's vocab_size)."""
+  return np.full((num_samples,) + spec.example_shape, mask_id, np.int32)
 
 
 def default_labels(spec: DatasetSpec, num_samples: int, conditional: bool) -> np.ndarray | None:

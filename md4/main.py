@@ -5,6 +5,9 @@
   md4 sample [--config=...] [--workdir=...] [--checkpoint_step=N] [--prompt=TEXT | --infill=TEMPLATE]
              [--output=PATH_STEM]
   md4 prepare DATASET --data_dir=DIR [--source=FILES] [dataset options]
+  md4 info   [--config=...]          parameters, per-module counts, data, FLOPs; allocates nothing
+  md4 convert --from_reference=DIR [--config=...] [--workdir=...] [--checkpoint_step=N]
+             a checkpoint of the paper's released code -> a checkpoint of this project
 
 Several processes (one per host or GPU): train/eval/sample join them through jax.distributed, with
 --coordinator_address, --num_processes and --process_id, or found from SLURM's srun or a Cloud TPU
@@ -29,14 +32,18 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 if (REPO_ROOT / "configs").is_dir() and str(REPO_ROOT) not in sys.path:
   sys.path.insert(0, str(REPO_ROOT))
 
-COMMANDS = ("train", "eval", "sample", "prepare")
+COMMANDS = ("train", "eval", "sample", "info", "convert", "prepare")
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", str(REPO_ROOT / "configs" / "demo.py"),
     "Config file, optionally with a preset: configs/md4/text8.py:tiny.", lock_config=True)
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Run directory (checkpoints, metrics, samples); default runs/<config name>.")
-_STEP = flags.DEFINE_integer("checkpoint_step", None, "eval/sample: checkpoint step (default: latest).")
+_STEP = flags.DEFINE_integer("checkpoint_step", None, "eval/sample/convert: checkpoint step "
+                             "(default: latest).")
+_FROM_REFERENCE = flags.DEFINE_string(
+    "from_reference", None, "convert: a checkpoint of google-deepmind/md4 (its workdir, "
+    "checkpoints/ directory, step directory or train_state directory).")
 _SPLIT = flags.DEFINE_string("split", None, "eval: the split (default: config.eval.split).")
 _PROMPT = flags.DEFINE_string("prompt", None, "sample: text prefix to continue.")
 _INFILL = flags.DEFINE_string("infill", None, "sample: template whose '_' characters are filled.")
@@ -45,7 +52,7 @@ _OUTPUT = flags.DEFINE_string("output", None,
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "prepare: where to write the prepared dataset.")
 _SOURCE = flags.DEFINE_list("source", None, "prepare: local input files, directories or globs "
                             "(text8: text8.zip; openwebtext, fineweb_edu: parquet/jsonl/txt files; "
-                            "imagenet64: the folder of its manual download).")
+                            "imagenet64, imagenet64_resized: the folder of its manual download).")
 _TOKENIZER = flags.DEFINE_string("tokenizer", None, "prepare (openwebtext, fineweb_edu): 'gpt2' "
                                  "(default) or 'sentencepiece:PATH'.")
 _SEQ_LENGTH = flags.DEFINE_integer("seq_length", None, "prepare: tokens per packed block (1024).")
@@ -61,10 +68,14 @@ _PROCESS_ID = flags.DEFINE_integer(
     "process_id", None, "This process's index, 0 .. num_processes - 1 (default: from the launcher).")
 
 
+def _config_spec() -> str:
+  """The --config value as given: FILE[:presets]."""
+  flag = flags.FLAGS["config"]
+  return str(flag.config_filename if hasattr(flag, "config_filename") else flag.value)
+
+
 def _default_workdir() -> str:
-  spec = flags.FLAGS["config"].config_filename if hasattr(flags.FLAGS["config"], "config_filename") \
-      else flags.FLAGS["config"].value
-  path, _, preset = str(spec).partition(":")
+  path, _, preset = _config_spec().partition(":")
   name = pathlib.Path(path).stem + (f"_{preset}" if preset else "")
   return os.path.join("runs", name)
 
@@ -115,11 +126,11 @@ def _sample(cfg, workdir):
   setup, dataset, state = _restore_for_inference(cfg, workdir, _STEP.value)
   spec, n = dataset.spec, cfg.sample.num_samples
   if _PROMPT.value is not None:
-    init = generate.prompt_init(spec, _PROMPT.value, n)
+    init = generate.prompt_init(spec, _PROMPT.value, n, cfg.model.vocab_size)
   elif _INFILL.value is not None:
-    init = generate.infill_init(spec, _INFILL.value, n)
+    init = generate.infill_init(spec, _INFILL.value, n, cfg.model.vocab_size)
   else:
-    init = generate.unconditional_init(spec, n)
+    init = generate.unconditional_init(spec, n, cfg.model.vocab_size)
   labels = generate.default_labels(spec, n, model.is_conditional(cfg))
   params = state.ema_params if cfg.sample.use_ema else state.params
   result = generate.Sampler(setup.network, cfg)(params, jax.random.key(cfg.train.seed + 3), init,
@@ -133,6 +144,25 @@ def _sample(cfg, workdir):
   if spec.kind == "text":
     for s in samples:
       print(repr(dataset.decode(s)))
+
+
+def _info(cfg, workdir):
+  del workdir
+  from md4 import info
+  print(info.render(info.describe(cfg), _config_spec()))
+
+
+def _convert(cfg, workdir):
+  from md4 import convert
+  from md4.data import pipeline
+  if not _FROM_REFERENCE.value:
+    raise ValueError("--from_reference=DIR is required: a checkpoint of the released code")
+  result = convert.convert_checkpoint(_FROM_REFERENCE.value, cfg, pipeline.get_spec(cfg.data),
+                                      workdir, _STEP.value)
+  ema = "params and EMA params" if result.has_ema else "params (no EMA in the source; EMA = params)"
+  print(f"converted {result.source} (step {result.step}): {ema}, {result.num_params:,} parameters "
+        f"-> {result.checkpoint_dir}\n  md4 eval --config=... --workdir={workdir}   "
+        "(the optimizer state starts fresh; the released one is not converted)")
 
 
 def _prepare(argv):
@@ -169,6 +199,8 @@ def main(argv):
   try:
     # Several processes (flags, SLURM, a TPU slice): join them before anything touches a device.
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    if argv[1] in ("info", "convert"):  # Single-process commands: no distributed set-up.
+      return {"info": _info, "convert": _convert}[argv[1]](cfg, workdir)
     {"train": _train, "eval": _eval, "sample": _sample}[argv[1]](cfg, workdir)
   except (ValueError, FloatingPointError) as e:
     sys.exit(f"md4 {argv[1]}: error: {e}")

@@ -24,9 +24,11 @@ Params = Any
 
 def check_compatible(cfg: Config, spec: DatasetSpec) -> None:
   """Refuses a model whose vocabulary, shape or classes differ from the dataset's, before training."""
-  if cfg.model.vocab_size != spec.vocab_size:
-    raise ValueError(f"model.vocab_size={cfg.model.vocab_size} but dataset {cfg.data.dataset!r} has "
-                     f"a vocabulary of {spec.vocab_size}")
+  extra = cfg.model.extra_tokens
+  if cfg.model.vocab_size != spec.vocab_size + extra:
+    plus = f" (+ model.extra_tokens={extra})" if extra else ""
+    raise ValueError(f"model.vocab_size={cfg.model.vocab_size} but dataset "
+                     f"{cfg.data.dataset!r} has a vocabulary of {spec.vocab_size}{plus}")
   num_classes = cfg.model.net.get("num_classes", 0)
   if num_classes and num_classes != spec.num_classes:
     raise ValueError(f"model.net.num_classes={num_classes} but dataset {cfg.data.dataset!r} has "

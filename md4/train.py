@@ -375,7 +375,7 @@ def _check_finite(step: int, loss: jax.Array) -> None:
 def _write_samples(sampler, state, dataset, cfg, workdir, step) -> None:
   spec = dataset.spec
   n = cfg.sample.num_samples
-  init = generate.unconditional_init(spec, n)
+  init = generate.unconditional_init(spec, n, cfg.model.vocab_size)
   labels = generate.default_labels(spec, n, model.is_conditional(cfg))
   params = state.ema_params if cfg.sample.use_ema else state.params
   rng = jax.random.fold_in(jax.random.key(cfg.train.seed + 2), step)

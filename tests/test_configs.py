@@ -216,7 +216,8 @@ def test_openwebtext_medium_is_md4_m_and_combines_with_tiny():
 
 
 def test_genmd4_variants_differ_from_md4_only_in_the_schedule():
-  for name in ("text8.py", "openwebtext.py"):
+  # And, on OpenWebText, in the released GenMD4 vocabulary: 50259 = GPT-2's 50257 + 2 unused.
+  for name, vocab in (("text8.py", set()), ("openwebtext.py", {"vocab_size", "extra_tokens"})):
     md4_cfg = config_lib.to_dict(config_lib.from_configdict(
         load(CONFIG_DIR / "md4" / name).get_config()))
     gen_cfg = config_lib.to_dict(config_lib.from_configdict(
@@ -226,7 +227,7 @@ def test_genmd4_variants_differ_from_md4_only_in_the_schedule():
       if group != "model":
         assert md4_cfg[group] == gen_cfg[group], (name, group)
     differing = {k for k in md4_cfg["model"] if md4_cfg["model"][k] != gen_cfg["model"][k]}
-    assert differing <= {"state_dependent", "power_init", "network_masks"}, differing
+    assert differing <= {"state_dependent", "power_init", "network_masks"} | vocab, differing
 
 
 @pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarning")  # Inside ml_collections.
@@ -240,3 +241,89 @@ def test_the_command_line_passes_what_follows_the_colon_as_the_preset():
   cfg = config_lib.from_configdict(flag_values.config)
   assert (cfg.model.schedule, cfg.model.net["num_heads"], cfg.model.net["d_model"]) == (
       "cosine", 2, 16)
+
+
+# ------------------------------------------------------------------ the paper's networks
+
+# Parameters of the released code's models (google-deepmind/md4), measured with its own model
+# classes and configs under jax.eval_shape. The GenMD4 rows include the exponents w.
+RELEASED_PARAMETERS = {
+    "md4/text8.py": 88_734_272,
+    "md4/openwebtext.py": 165_857_344,
+    "md4/openwebtext.py:medium": 416_240_960,
+    "md4/fineweb_edu.py": 165_857_344,
+    "md4/cifar10.py": 28_427_520,
+    "md4/imagenet64.py": 198_279_680,
+    "genmd4/text8.py": 88_734_299,
+    "genmd4/openwebtext.py": 165_910_675,
+    "genmd4/openwebtext.py:medium": 416_295_315,
+}
+
+# Every field of the released networks, written out here rather than taken from the defaults.
+_RELEASED_TEXT = dict(mlp_ratio=8 / 3, mlp_multiple=32, mlp_type="glu", norm="layernorm",
+                      norm_eps=1e-5, cond_dim=64, cond_activation="sigmoid", rope="interleaved",
+                      depth_scaled_init=True, qkv_bias=False, output_bias=False, dropout="channel",
+                      attention_dropout=True, time_conditioning=True, num_classes=0,
+                      rope_base=10_000.0)
+_RELEASED_SMALL = dict(_RELEASED_TEXT, num_layers=12, num_heads=12, d_model=768, embed_dim=0,
+                       embed_dropout=True, dropout_rate=0.02)
+_RELEASED_NETWORKS = {
+    "md4/text8.py": dict(_RELEASED_TEXT, num_layers=12, num_heads=12, d_model=768, embed_dim=64,
+                         embed_dropout=False, dropout_rate=0.05),
+    "md4/openwebtext.py": _RELEASED_SMALL,
+    "md4/openwebtext.py:medium": dict(_RELEASED_SMALL, num_layers=24, num_heads=16, d_model=1024,
+                                      dropout_rate=0.0),
+    "md4/fineweb_edu.py": _RELEASED_SMALL,
+    "md4/cifar10.py": dict(features=128, num_res_blocks=32, attention=True, num_heads=1,
+                           norm_groups=32, dropout_rate=0.1, time_conditioning=True,
+                           num_classes=0),
+    "md4/imagenet64.py": dict(features=256, num_res_blocks=24, norm_groups=32, patch_size=2,
+                              num_layers=12, num_heads=12, d_model=768, mlp_ratio=4.0,
+                              dropout_rate=0.1, time_conditioning=True, num_classes=0),
+}
+_RELEASED_NETWORKS["genmd4/text8.py"] = _RELEASED_NETWORKS["md4/text8.py"]
+_RELEASED_NETWORKS["genmd4/openwebtext.py"] = _RELEASED_NETWORKS["md4/openwebtext.py"]
+_RELEASED_NETWORKS["genmd4/openwebtext.py:medium"] = _RELEASED_NETWORKS["md4/openwebtext.py:medium"]
+
+
+def _paper_cfg(name: str) -> config_lib.Config:
+  rel, _, preset = name.partition(":")
+  return config_lib.from_configdict(load(CONFIG_DIR / rel).get_config(preset or None))
+
+
+def test_every_paper_config_is_in_the_table():
+  paper = {i for i in IDS if i.startswith(("md4/", "genmd4/"))}
+  assert paper == {n.split(":")[0] for n in RELEASED_PARAMETERS}
+
+
+@pytest.mark.parametrize("name", sorted(RELEASED_PARAMETERS))
+def test_paper_config_has_the_released_parameter_count(name):
+  from md4 import info
+  assert info.describe(_paper_cfg(name)).num_params == RELEASED_PARAMETERS[name]
+
+
+@pytest.mark.parametrize("name", sorted(_RELEASED_NETWORKS))
+def test_paper_config_builds_the_released_network_options(name):
+  cfg = _paper_cfg(name)
+  network = model.build_network(cfg, pipeline.get_spec(cfg.data))
+  built = {k: getattr(network.config, k) for k in _RELEASED_NETWORKS[name]}
+  assert built == _RELEASED_NETWORKS[name]
+  assert network.config.dtype == jnp.float32  # The released code computes in float32 only.
+  if cfg.model.network == "transformer":  # The released width is heads of 64.
+    assert network.config.d_model == 64 * network.config.num_heads
+
+
+def test_md4_info_prints_the_exact_count_and_the_modules():
+  import subprocess
+  import sys
+  done = subprocess.run([sys.executable, "-m", "md4.main", "info",
+                         "--config=configs/genmd4/text8.py"], cwd=ROOT, capture_output=True,
+                        text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-3000:]
+  lines = done.stdout.splitlines()
+  assert "parameters: 88734299" in lines
+  assert any(line.split()[:2] == ["block_0..11", "88,528,896"] for line in lines), lines
+  assert any(line.split()[:2] == ["schedule", "27"] for line in lines), lines
+  assert "tokens per example: 256 (chars)" in lines
+  flops = [line for line in lines if line.startswith("model FLOPs per training token:")]
+  assert len(flops) == 1 and float(flops[0].split()[5]) > 5e8  # ~6 x 85M weights per token.

@@ -12,24 +12,26 @@ import pytest
 
 from md4.networks import NETWORKS, build_network
 from md4.networks.transformer import (
-    GatedMlp,
+    Mlp,
+    SelfAttention,
     Transformer,
     TransformerConfig,
     apply_rope,
+    branch_dropout,
+    mlp_width,
     rope_angles,
-    rope_angles_2d,
 )
-from md4.networks.uvit import depth_to_space, space_to_depth
+from md4.networks.uvit import depth_to_space, sincos_position_table
 
 TEXT_VOCAB = 11
 PIXEL_VOCAB = 256
 NUM_CLASSES = 3
 TINY = {
-    "transformer": dict(vocab_size=TEXT_VOCAB, num_layers=2, num_heads=2, d_model=32),
+    "transformer": dict(vocab_size=TEXT_VOCAB, num_layers=2, num_heads=2, d_model=32, cond_dim=8),
     "unet": dict(vocab_size=PIXEL_VOCAB, num_channels=3, features=32, num_res_blocks=1,
                  attention=True, num_heads=2, norm_groups=8, dropout_rate=0.0),
     "uvit": dict(vocab_size=PIXEL_VOCAB, num_channels=3, features=32, num_res_blocks=1,
-                 norm_groups=8, num_layers=2, num_heads=2, d_model=32),
+                 norm_groups=8, num_layers=2, num_heads=2, d_model=32, dropout_rate=0.0),
 }
 ALL = sorted(TINY)
 
@@ -172,7 +174,15 @@ def test_wrong_input_shapes_raise_value_error():
     init(make("uvit"), zi[:, :7, :7], ti)
 
 
-# ----------------------------------------------------------------------------- transformer
+# ------------------------------------------------------------------------ initialisation
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_output_layer_starts_at_zero_so_initial_logits_are_uniform(name):
+  model = make(name)
+  z, t = inputs(name)
+  logits = apply(model, init(model, z, t), z, t)
+  np.testing.assert_array_equal(np.asarray(logits), 0.0)
 
 
 @pytest.mark.parametrize("num_classes", [0, NUM_CLASSES])
@@ -183,16 +193,39 @@ def test_transformer_blocks_are_identity_at_init_with_adaln_zero(num_classes):
   variables = init(model, z, t, cond)
   blocks = [k for k in variables["params"] if k.startswith("block_")]
   assert len(blocks) == 2
-  no_blocks = {"params": {k: v for k, v in variables["params"].items() if k not in blocks}}
+  # A random output layer, so that the logits show the stream the blocks leave behind.
+  random = random_params(model, z, t, cond)["params"]
+  params = {**variables["params"], "final": random["final"]}
+  no_blocks = {"params": {k: v for k, v in params.items() if k not in blocks}}
   shallow = make("transformer", num_layers=0, num_classes=num_classes)
-  full_out = apply(model, variables, z, t, cond=cond)
+  full_out = apply(model, {"params": params}, z, t, cond=cond)
+  assert max_abs_diff(full_out, 0.0) > 1e-3
   np.testing.assert_array_equal(
       np.asarray(full_out), np.asarray(apply(shallow, no_blocks, z, t, cond=cond))
   )
   # The blocks are on the path: once their adaLN weights move, the output changes.
-  block_0 = random_params(model, z, t, cond)["params"]["block_0"]
-  moved = {"params": {**variables["params"], "block_0": block_0}}
+  moved = {"params": {**params, "block_0": random["block_0"]}}
   assert max_abs_diff(apply(model, moved, z, t, cond=cond), full_out) > 1e-3
+
+
+@pytest.mark.parametrize("depth_scaled", [True, False])
+def test_mlp_kernels_have_variance_one_over_fan_in_times_the_depth_scale(depth_scaled):
+  layers = 8
+  model = build_network("transformer", vocab_size=5, num_layers=layers, num_heads=2, d_model=64,
+                        depth_scaled_init=depth_scaled)
+  z, t = jnp.zeros((1, 4), jnp.int32), jnp.zeros((1,))
+  params = init(model, z, t)["params"]
+  scale = 2.0 / layers if depth_scaled else 1.0
+  for i in range(layers):
+    for name, fan_in in (("gate", 64), ("up", 64), ("down", model.config.mlp_dim)):
+      kernel = np.asarray(params[f"block_{i}"]["mlp"][name]["kernel"])
+      # n >= 64 * 192 draws: the sample variance is within 4% of the true one at > 4 sigma.
+      np.testing.assert_allclose(kernel.var(), scale / fan_in, rtol=0.04)
+  attn = np.asarray(params["block_0"]["attn"]["query"]["kernel"])  # Not depth-scaled.
+  np.testing.assert_allclose(attn.var(), 1.0 / 64, rtol=0.06)
+
+
+# ----------------------------------------------------------------------------- transformer
 
 
 @pytest.mark.parametrize("time_conditioning", [True, False])
@@ -204,51 +237,120 @@ def test_transformer_is_bidirectional(time_conditioning):
   assert max_abs_diff(a[:, 0], b[:, 0]) > 1e-4
 
 
-@pytest.mark.parametrize("mlp_type,gate", [("swiglu", jax.nn.silu), ("glu", jax.nn.sigmoid)])
-def test_gated_mlp_matches_its_formula(mlp_type, gate):
-  mlp = GatedMlp(hidden_dim=8, mlp_type=mlp_type)
+@pytest.mark.parametrize("mlp_type", ["glu", "swiglu", "gelu"])
+def test_mlp_matches_its_formula(mlp_type):
+  mlp = Mlp(hidden_dim=8, mlp_type=mlp_type)
   x = jax.random.normal(jax.random.key(0), (2, 3, 4))
-  params = mlp.init(jax.random.key(1), x)["params"]
-  expected = (gate(x @ params["gate"]["kernel"]) * (x @ params["up"]["kernel"])) @ params[
-      "down"]["kernel"]
-  np.testing.assert_allclose(mlp.apply({"params": params}, x), expected, rtol=1e-5, atol=1e-6)
+  p = mlp.init(jax.random.key(1), x)["params"]
+  if mlp_type == "gelu":
+    expected = jax.nn.gelu(x @ p["fc1"]["kernel"] + p["fc1"]["bias"]) @ p["fc2"]["kernel"] + p[
+        "fc2"]["bias"]
+  else:
+    gate = {"glu": jax.nn.sigmoid, "swiglu": jax.nn.silu}[mlp_type]
+    expected = (gate(x @ p["gate"]["kernel"]) * (x @ p["up"]["kernel"])) @ p["down"]["kernel"]
+  np.testing.assert_allclose(mlp.apply({"params": p}, x), expected, rtol=1e-5, atol=1e-6)
 
 
-def test_mlp_type_changes_transformer_output():
-  model, variables, z, t, _ = active("transformer", mlp_type="swiglu")
-  glu = make("transformer", mlp_type="glu")
-  assert max_abs_diff(apply(model, variables, z, t), apply(glu, variables, z, t)) > 1e-3
+@pytest.mark.parametrize("option", [dict(mlp_type="swiglu"), dict(norm="rmsnorm"),
+                                    dict(cond_activation="silu"), dict(rope="halves"),
+                                    dict(norm_eps=1e-2)])
+def test_each_option_changes_the_function_of_the_same_parameters(option):
+  model, variables, z, t, _ = active("transformer")
+  other = make("transformer", **option)
+  assert max_abs_diff(apply(model, variables, z, t), apply(other, variables, z, t)) > 1e-4
+
+
+def test_mlp_width_follows_the_released_rounding_rule():
+  # int(8 d / 3) rounded up to a multiple of 32: 2048 for MD4-S's 768, 2752 for MD4-M's 1024.
+  assert mlp_width(8 / 3, 768, 32) == 2048
+  assert mlp_width(8 / 3, 1024, 32) == 2752
+  assert mlp_width(4.0, 768, 1) == 3072 and mlp_width(2.0, 16, 32) == 32
+  assert TransformerConfig(vocab_size=5).mlp_dim == 2048
+
+
+def test_parameter_shapes_of_the_embedding_and_conditioning_options():
+  z, t = inputs("transformer")
+
+  def shapes(**overrides):
+    model = make("transformer", **overrides)
+    return jax.tree.map(lambda x: x.shape, jax.eval_shape(lambda: init(model, z, t))["params"])
+
+  released = shapes(embed_dim=8)
+  assert released["embed"]["embedding"] == (TEXT_VOCAB + 1, 8)
+  assert released["embed_proj"]["kernel"] == (8, 32)
+  assert released["cond_embed"]["time_hidden"]["kernel"] == (8, 32)  # 4 x the 8-wide vector.
+  assert released["block_0"]["adaln"]["kernel"] == (8, 6 * 32)
+  assert "bias" not in released["final"]["proj"] and "attn_norm" not in released["block_0"]
+  wide = shapes(cond_dim=0, output_bias=True)  # cond_dim=0: the conditioning is d_model wide.
+  assert wide["embed"]["embedding"] == (TEXT_VOCAB + 1, 32) and "embed_proj" not in wide
+  assert wide["block_0"]["adaln"]["kernel"] == (32, 6 * 32)
+  assert wide["final"]["proj"]["bias"] == (TEXT_VOCAB,)
 
 
 def test_rope_scores_depend_only_on_relative_position():
   q, k = jax.random.normal(jax.random.key(0), (2, 1, 1, 1, 8))
   angles = rope_angles(jnp.arange(10), 8)
+  for layout in ("interleaved", "halves"):
 
-  def score(m, n):
-    return jnp.sum(apply_rope(q, angles[m:m + 1]) * apply_rope(k, angles[n:n + 1]))
+    def score(m, n):
+      rotate = lambda x, i: apply_rope(x, angles[i:i + 1], layout)
+      return jnp.sum(rotate(q, m) * rotate(k, n))
 
-  np.testing.assert_allclose(score(2, 5), score(6, 9), rtol=1e-5)
-  assert abs(float(score(2, 5) - score(2, 6))) > 1e-4
-  np.testing.assert_allclose(  # rotations preserve norms
-      jnp.linalg.norm(apply_rope(q, angles[7:8])), jnp.linalg.norm(q), rtol=1e-6
-  )
-
-
-def test_rope_2d_splits_pairs_between_rows_and_columns():
-  angles = rope_angles_2d(height=2, width=3, head_dim=8)
-  assert angles.shape == (6, 4)
-  row, col = angles[:, :2], angles[:, 2:]
-  # Token 4 is at (row 1, col 1): its row angles are token 3's (1, 0), its column angles token 1's.
-  np.testing.assert_array_equal(row[4], row[3])
-  np.testing.assert_array_equal(col[4], col[1])
-  assert not np.array_equal(row[4], row[1])
+    np.testing.assert_allclose(score(2, 5), score(6, 9), rtol=1e-5)
+    assert abs(float(score(2, 5) - score(2, 6))) > 1e-4
+    np.testing.assert_allclose(  # rotations preserve norms
+        jnp.linalg.norm(apply_rope(q, angles[7:8], layout)), jnp.linalg.norm(q), rtol=1e-6
+    )
 
 
-def test_space_to_depth_round_trips_and_groups_patches():
+def test_interleaved_rope_is_halves_rope_with_features_permuted():
+  x = jax.random.normal(jax.random.key(0), (2, 5, 3, 8))
+  angles = rope_angles(jnp.arange(5), 8)
+  # Pair (2i, 2i + 1) -> (i, i + 4).
+  to_halves = np.concatenate([np.arange(0, 8, 2), np.arange(1, 8, 2)])
+  np.testing.assert_allclose(apply_rope(x, angles, "interleaved")[..., to_halves],
+                             apply_rope(x[..., to_halves], angles, "halves"), rtol=1e-6, atol=1e-6)
+
+
+def test_attention_with_dropout_matches_the_fused_path_when_nothing_is_dropped():
+  x = jax.random.normal(jax.random.key(0), (2, 5, 16))
+  angles = rope_angles(jnp.arange(5), 8)
+  fused = SelfAttention(num_heads=2)
+  params = fused.init(jax.random.key(1), x, angles)
+  explicit = SelfAttention(num_heads=2, dropout_rate=1e-12, deterministic=False)
+  out = explicit.apply(params, x, angles, rngs={"dropout": jax.random.key(2)})
+  np.testing.assert_allclose(out, fused.apply(params, x, angles), rtol=1e-5, atol=1e-6)
+  dropped = SelfAttention(num_heads=2, dropout_rate=0.5, deterministic=False)
+  assert max_abs_diff(dropped.apply(params, x, angles, rngs={"dropout": jax.random.key(2)}),
+                      out) > 1e-3
+
+
+@pytest.mark.parametrize("kind", ["channel", "element"])
+def test_channel_dropout_shares_its_mask_over_positions(kind):
+  x = jnp.ones((3, 50, 40))
+  out = np.asarray(branch_dropout(0.5, kind, deterministic=False).apply(
+      {}, x, rngs={"dropout": jax.random.key(0)}))
+  assert set(np.unique(out)) == {0.0, 2.0}
+  constant_over_positions = bool(np.all(out == out[:, :1, :]))
+  assert constant_over_positions == (kind == "channel")
+
+
+def test_sincos_position_table_encodes_column_then_row():
+  table = sincos_position_table(rows=3, cols=4, dim=16)
+  assert table.shape == (12, 16)
+  col, row = table[:, :8], table[:, 8:]
+  # Token 6 is at (row 1, col 2): its column half is token 2's (0, 2), its row half token 4's
+  # (1, 0).
+  np.testing.assert_array_equal(col[6], col[2])
+  np.testing.assert_array_equal(row[6], row[4])
+  np.testing.assert_allclose(col[1, :4], np.sin(10_000.0 ** (-np.arange(4) / 4)), rtol=1e-6)
+  np.testing.assert_allclose(col[0], np.r_[np.zeros(4), np.ones(4)])  # sin 0, cos 0.
+
+
+def test_depth_to_space_puts_each_token_back_as_its_patch():
   x = jnp.arange(2 * 4 * 6 * 3).reshape(2, 4, 6, 3)
-  patches = space_to_depth(x, 2)
-  assert patches.shape == (2, 2, 3, 12)
-  np.testing.assert_array_equal(patches[0, 0, 0], x[0, :2, :2].reshape(-1))
+  patches = x.reshape(2, 2, 2, 3, 2, 3).transpose(0, 1, 3, 2, 4, 5).reshape(2, 2, 3, 12)
+  np.testing.assert_array_equal(patches[0, 1, 2], x[0, 2:4, 4:6].reshape(-1))
   np.testing.assert_array_equal(depth_to_space(patches, 2), x)
 
 
@@ -324,6 +426,7 @@ def test_build_network_returns_configured_module():
   model = build_network("transformer", vocab_size=5, num_layers=1, num_heads=2, d_model=8)
   assert isinstance(model, Transformer)
   assert model.config == TransformerConfig(vocab_size=5, num_layers=1, num_heads=2, d_model=8)
+  assert model.config.norm == "layernorm" and model.config.cond_dim == 64  # The released defaults.
   for name, (module_cls, config_cls) in NETWORKS.items():
     assert isinstance(make(name), module_cls) and isinstance(make(name).config, config_cls)
 
@@ -341,11 +444,17 @@ def test_build_network_rejects_unknown_name_and_fields():
     "name,bad,match",
     [
         ("transformer", dict(mlp_type="relu"), "mlp_type"),
+        ("transformer", dict(norm="batchnorm"), "norm must be one of"),
+        ("transformer", dict(rope="none"), "rope must be one of"),
+        ("transformer", dict(dropout="spatial"), "dropout must be one of"),
+        ("transformer", dict(cond_dim=6 + 1), "conditioning width"),
+        ("transformer", dict(cond_activation="relu"), "cond_activation"),
         ("transformer", dict(d_model=30, num_heads=4), "divisible"),
         ("transformer", dict(dtype="int8"), "dtype"),
         ("transformer", dict(dropout_rate=1.0), "dropout_rate"),
         ("unet", dict(features=30), "norm_groups"),
-        ("uvit", dict(d_model=24, num_heads=4), "divisible"),
+        ("uvit", dict(d_model=24, num_heads=5), "divisible"),
+        ("uvit", dict(d_model=30, num_heads=2), "divisible"),
         ("uvit", dict(num_classes=-1), "num_classes"),
         ("unet", dict(attention_impl="flash"), "attention_impl"),
         ("uvit", dict(attention_impl="cudnn"), "bfloat16 or float16"),

@@ -15,7 +15,7 @@ import pytest
 
 from configs import tiny
 from md4 import config as config_lib
-from md4 import elbo, model, sharding, train
+from md4 import elbo, generate, model, sampling, sharding, train
 from md4.data import pipeline
 from md4.evaluate import Evaluator
 from md4.metric_writer import read_metrics
@@ -124,7 +124,7 @@ def test_eval_agrees_with_nelbo_and_covers_each_example_once():
 
 
 def test_non_finite_loss_stops_training_and_names_the_step(tmp_path):
-  cfg = tiny_cfg(**{"optimizer.lr": 1e30, "optimizer.grad_clip_norm": 0.0,
+  cfg = tiny_cfg(**{"optimizer.lr": 1e38, "optimizer.grad_clip_norm": 0.0,
                     "optimizer.warmup_steps": 0})
   with pytest.raises(FloatingPointError, match=r"training loss is nan at step \d"):
     train.train(cfg, str(tmp_path))
@@ -214,3 +214,28 @@ def test_two_device_mesh_matches_one_device():
                        text=True, env=env, timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
   assert out.stdout.startswith("losses")
+
+
+def test_extra_tokens_must_be_declared_and_are_never_sampled():
+  """A model vocabulary beyond the data's (the released GenMD4 on OpenWebText: 50257 + 2)."""
+  spec = pipeline.get_spec(tiny_cfg().data)  # 27 characters.
+  with pytest.raises(ValueError, match="model.vocab_size=29 but dataset 'shakespeare' has a "
+                                       "vocabulary of 27$"):
+    model.check_compatible(tiny_cfg(**{"model.vocab_size": 29}), spec)
+  with pytest.raises(ValueError, match=r"vocabulary of 27 \(\+ model.extra_tokens=1\)"):
+    model.check_compatible(tiny_cfg(**{"model.vocab_size": 29, "model.extra_tokens": 1}), spec)
+  cfg = tiny_cfg(**{"model.vocab_size": 29, "model.extra_tokens": 2, "sample.num_samples": 16,
+                    "model.net": dict(tiny.get_config().model.net, output_bias=True)})
+  network = model.build_network(cfg, spec)
+  params = model.init_params(jax.random.key(0), network, cfg.model, spec)
+  # Output biases that favour the two extra ids by far: drawn freely, they would win everywhere.
+  bias = params["net"]["final"]["proj"]["bias"]
+  params["net"]["final"]["proj"]["bias"] = bias.at[27:].set(20.0)
+  init = generate.unconditional_init(spec, 16, cfg.model.vocab_size)
+  assert np.all(init == 29)  # The model's mask id, not the dataset's vocabulary size.
+  free = sampling.sample(model.denoiser(network, params), jax.random.key(1), jnp.asarray(init),
+                         model.make_schedule(cfg.model, params), vocab_size=29, num_steps=4)
+  assert np.mean(np.asarray(free) >= 27) > 0.9
+  samples = np.asarray(generate.Sampler(network, cfg)(params, jax.random.key(1), init).samples)
+  assert samples.shape == (16, spec.example_shape[0])
+  assert samples.min() >= 0 and samples.max() < 27

@@ -1,7 +1,14 @@
 """Bidirectional transformer denoiser for token sequences, conditioned by adaLN-zero.
 
-Also home to the pieces the image networks reuse: input checks, the conditioning embedding
-(time and class label -> one vector), rotary position embeddings and the transformer block.
+The defaults build the network of the paper's released code (google-deepmind/md4) layer for layer:
+parameter-free LayerNorm under adaLN-zero, a sigmoid-gated ("glu") MLP 8d/3 wide rounded up to a
+multiple of 32 with depth-scaled initialisation, a 64-wide conditioning vector, interleaved RoPE,
+dropout on the attention probabilities, channel-wise dropout on the residual branches and a
+zero-initialised, bias-free output layer. Other choices are options: RMSNorm, SwiGLU, a conditioning
+vector as wide as the model, element-wise dropout, RoPE on half-split feature pairs.
+
+Also home to the pieces the image networks reuse: input checks, the conditioning embedding (time
+and class label -> one vector), the transformer block and the final adaLN layer.
 """
 
 from __future__ import annotations
@@ -16,14 +23,17 @@ import jax.numpy as jnp
 
 Array = jax.Array
 
-MLP_TYPES = ("swiglu", "glu")
+NORMS = ("layernorm", "rmsnorm")
+MLP_TYPES = ("glu", "swiglu", "gelu")
+ROPE_LAYOUTS = ("interleaved", "halves")
+DROPOUT_KINDS = ("channel", "element")
+COND_ACTIVATIONS = ("sigmoid", "silu")
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_IMPLS = (None, "xla", "cudnn")
 
-# t in [0, 1] is stretched to [0, 1000], the range of step indices that sinusoid periods
-# of 2*pi .. 2*pi*1e4 are made for; the fastest features then tell apart times ~1e-3 apart.
-_TIME_SCALE = 1000.0
-_TIME_FREQ_DIM = 256
+# t in [0, 1] is stretched to [0, 1000], the range of step indices that sinusoid periods of
+# 2*pi .. 2*pi*1e4 are made for; the fastest features then tell apart times ~1e-3 apart.
+TIME_SCALE = 1000.0
 
 
 # ----------------------------------------------------------------------------- checks
@@ -47,17 +57,26 @@ def check_positive(**values: float) -> None:
       raise ValueError(f"{name} must be > 0, got {value!r}")
 
 
+def check_choice(name: str, value: Any, choices: tuple) -> None:
+  """Raises ValueError naming the field, its value and the valid values."""
+  if value not in choices:
+    raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
 def check_common_fields(
-    *, num_classes: int, dropout_rate: float, dtype: Any, attention_impl: str | None
+    *, num_classes: int, dropout_rate: float, dtype: Any, attention_impl: str | None,
+    cond_dim: int
 ) -> jnp.dtype:
   """Validates the fields every network config shares; returns the canonical dtype."""
   if num_classes < 0:
     raise ValueError(f"num_classes must be >= 0, got {num_classes!r}")
   if not 0.0 <= dropout_rate < 1.0:
     raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate!r}")
+  if cond_dim < 4 or cond_dim % 2:
+    raise ValueError(f"the conditioning width must be even and >= 4 (sin and cos halves of the "
+                     f"time features), got {cond_dim!r}")
   dtype = canonical_dtype(dtype)
-  if attention_impl not in ATTENTION_IMPLS:
-    raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {attention_impl!r}")
+  check_choice("attention_impl", attention_impl, ATTENTION_IMPLS)
   if attention_impl == "cudnn" and dtype == jnp.float32:
     raise ValueError("attention_impl='cudnn' needs dtype bfloat16 or float16, got float32")
   return dtype
@@ -101,28 +120,32 @@ def check_inputs(
 # ------------------------------------------------------------------------ conditioning
 
 
-def sinusoidal_embedding(x: Array, dim: int, max_period: float = 10_000.0) -> Array:
-  """Sinusoidal features of a scalar per example.
+def timestep_embedding(x: Array, dim: int, max_period: float = 10_000.0) -> Array:
+  """Sinusoidal features of a scalar per example, sines then cosines.
+
+  Frequencies run geometrically from 1 to 1/max_period, both ends included.
 
   Args:
     x: float[B].
-    dim: even number of features.
+    dim: even number of features, >= 4.
     max_period: longest period of the sinusoids.
 
   Returns:
-    float32[B, dim], cosines then sines.
+    float32[B, dim].
   """
   half = dim // 2
-  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  freqs = jnp.exp(-math.log(max_period) / (half - 1) * jnp.arange(half, dtype=jnp.float32))
   args = x.astype(jnp.float32)[:, None] * freqs[None, :]
-  return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+  return jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
 
 
 class ConditionEmbedding(nn.Module):
   """Embeds diffusion time and/or a class label into one conditioning vector.
 
-  Returns None when neither is enabled, so an unconditioned network never touches t.
-  Runs in float32: it is tiny, and adaLN scales are sensitive to rounding.
+  With time: sinusoidal features of 1000 t, concatenated with the class embedding if any, then
+  Dense(4 features), swish, Dense(features). Without time: the class embedding alone. Returns None
+  when neither is enabled, so an unconditioned network never touches t. Runs in float32: it is tiny,
+  and adaLN scales are sensitive to rounding.
 
   Attributes:
     features: size of the conditioning vector.
@@ -137,15 +160,16 @@ class ConditionEmbedding(nn.Module):
   @nn.compact
   def __call__(self, t: Array, cond: Array | None) -> Array | None:
     """t: float32[B]; cond: int32[B] or None. Returns float32[B, features] or None."""
-    c = None
-    if self.time_conditioning:
-      c = sinusoidal_embedding(t * _TIME_SCALE, _TIME_FREQ_DIM)
-      c = nn.Dense(self.features, name="time_dense_0")(c)
-      c = nn.Dense(self.features, name="time_dense_1")(nn.silu(c))
+    y = None
     if self.num_classes > 0:
       y = nn.Embed(self.num_classes, self.features, name="class_embed")(cond)
-      c = y if c is None else c + y
-    return c
+    if not self.time_conditioning:
+      return y
+    c = timestep_embedding(t * TIME_SCALE, self.features)
+    if y is not None:
+      c = jnp.concatenate([c, y], axis=-1)
+    c = nn.swish(nn.Dense(4 * self.features, name="time_hidden")(c))
+    return nn.Dense(self.features, name="time_out")(c)
 
 
 def modulate(x: Array, shift: Array, scale: Array) -> Array:
@@ -153,11 +177,16 @@ def modulate(x: Array, shift: Array, scale: Array) -> Array:
   return x * (1.0 + scale) + shift
 
 
+def cond_activation(name: str):
+  """The nonlinearity applied to the conditioning vector before each adaLN projection."""
+  return {"sigmoid": nn.sigmoid, "silu": nn.silu}[name]
+
+
 # --------------------------------------------------------------------------------- RoPE
 
 
 def rope_angles(positions: Array, rotary_dim: int, base: float = 10_000.0) -> Array:
-  """Rotation angles for rotary position embeddings.
+  """Rotation angles for rotary position embeddings: pair i turns at base^(-2i / rotary_dim).
 
   Args:
     positions: int or float[L] position of each token.
@@ -172,55 +201,113 @@ def rope_angles(positions: Array, rotary_dim: int, base: float = 10_000.0) -> Ar
   return positions.astype(jnp.float32)[:, None] * inv_freq[None, :]
 
 
-def rope_angles_2d(height: int, width: int, head_dim: int, base: float = 10_000.0) -> Array:
-  """2D RoPE: half the rotation pairs turn with the row index, half with the column.
-
-  Tokens are in row-major order. head_dim must be divisible by 4.
-
-  Returns:
-    float32[height * width, head_dim // 2].
-  """
-  rows = jnp.repeat(jnp.arange(height), width)
-  cols = jnp.tile(jnp.arange(width), height)
-  return jnp.concatenate(
-      [rope_angles(rows, head_dim // 2, base), rope_angles(cols, head_dim // 2, base)], axis=-1
-  )
-
-
-def apply_rope(x: Array, angles: Array) -> Array:
-  """Rotates feature pairs (i, i + H/2) of x by angles.
+def apply_rope(x: Array, angles: Array, layout: str = "interleaved") -> Array:
+  """Rotates feature pairs of x by angles.
 
   Args:
     x: [B, L, N, H] queries or keys.
-    angles: float32[L, H // 2].
+    angles: float32[L, H // 2]; pair i turns by angles[:, i].
+    layout: which features pair up: "interleaved" pairs (2i, 2i + 1), as the released code
+      (and LLaMA); "halves" pairs (i, i + H/2).
 
   Returns:
     [B, L, N, H] in x's dtype.
   """
   cos = jnp.cos(angles)[None, :, None, :]
   sin = jnp.sin(angles)[None, :, None, :]
-  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-  rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  xf = x.astype(jnp.float32)
+  if layout == "interleaved":
+    pairs = xf.reshape(x.shape[:-1] + (-1, 2))
+    x1, x2 = pairs[..., 0], pairs[..., 1]
+    rotated = jnp.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1).reshape(x.shape)
+  else:
+    x1, x2 = jnp.split(xf, 2, axis=-1)
+    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return rotated.astype(x.dtype)
 
 
 # ------------------------------------------------------------------------------- layers
 
 
-class SelfAttention(nn.Module):
-  """Non-causal multi-head self-attention through jax.nn.dot_product_attention.
+def make_norm(kind: str, eps: float, *, learned_scale: bool, dtype: Any, name: str) -> nn.Module:
+  """A LayerNorm or RMSNorm without bias; its scale is learned only when `learned_scale` (under
+  adaLN the (1 + scale) modulation already provides it)."""
+  if kind == "layernorm":
+    return nn.LayerNorm(epsilon=eps, use_bias=False, use_scale=learned_scale, dtype=dtype,
+                        name=name)
+  return nn.RMSNorm(epsilon=eps, use_scale=learned_scale, dtype=dtype, name=name)
 
-  Going through dot_product_attention rather than our own einsums lets a config switch to
-  cuDNN's fused flash-attention kernel on NVIDIA GPUs (attention_impl="cudnn").
+
+def branch_dropout(rate: float, kind: str, deterministic: bool) -> nn.Dropout:
+  """Dropout of a residual branch's output [B, L, D]: "element"-wise, or "channel"-wise (one mask
+  per example and feature, shared by all positions)."""
+  return nn.Dropout(rate, broadcast_dims=(1,) if kind == "channel" else (),
+                    deterministic=deterministic)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSpec:
+  """Everything that shapes a TransformerBlock (hashable: a static module attribute).
+
+  Attributes:
+    num_heads: attention heads; the stream width must be divisible by it.
+    mlp_dim: hidden width of the MLP.
+    mlp_type: "glu" (sigmoid gate), "swiglu" (silu gate), or "gelu": the ViT MLP (Dense with bias,
+      gelu, Dense with bias) with its own element-wise dropout after the gelu and after the output.
+    norm: "layernorm" or "rmsnorm".
+    norm_eps: the norms' epsilon.
+    cond_activation: "sigmoid" or "silu", applied to the conditioning vector before adaLN.
+    qkv_bias: biases on the query, key and value projections.
+    rope: "interleaved", "halves" or None (no rotary embedding).
+    mlp_init_scale: variance scale of the MLP kernels' fan-in truncated-normal init.
+    dropout_rate: rate of every dropout in the block.
+    dropout: "channel" or "element": the kind of dropout on the attention branch's output, and on
+      the gated MLPs' output.
+    attention_dropout: dropout on the attention probabilities.
+    dtype: compute dtype; the residual stream stays float32.
+    attention_impl: see SelfAttention.
+  """
+
+  num_heads: int
+  mlp_dim: int
+  mlp_type: str = "glu"
+  norm: str = "layernorm"
+  norm_eps: float = 1e-5
+  cond_activation: str = "sigmoid"
+  qkv_bias: bool = False
+  rope: str | None = "interleaved"
+  mlp_init_scale: float = 1.0
+  dropout_rate: float = 0.0
+  dropout: str = "channel"
+  attention_dropout: bool = True
+  dtype: Any = jnp.float32
+  attention_impl: str | None = None
+
+
+class SelfAttention(nn.Module):
+  """Non-causal multi-head self-attention.
+
+  Goes through jax.nn.dot_product_attention, so a config can switch to cuDNN's fused flash-attention
+  kernel on NVIDIA GPUs (attention_impl="cudnn"); when dropout on the attention probabilities is
+  active (training, dropout_rate > 0) the probabilities are formed explicitly instead, since the
+  fused kernels have no dropout.
 
   Attributes:
     num_heads: number of heads; the input width must be divisible by it.
+    qkv_bias: biases on the query, key and value projections (the output projection has none).
+    rope_layout: see apply_rope.
+    dropout_rate: dropout on the attention probabilities (0: none).
+    deterministic: disables dropout.
     dtype: compute dtype.
     attention_impl: dot_product_attention's `implementation`: None or "xla" (portable),
       "cudnn" (NVIDIA GPUs, bf16/fp16 only).
   """
 
   num_heads: int
+  qkv_bias: bool = False
+  rope_layout: str = "interleaved"
+  dropout_rate: float = 0.0
+  deterministic: bool = True
   dtype: Any = jnp.float32
   attention_impl: str | None = None
 
@@ -230,66 +317,75 @@ class SelfAttention(nn.Module):
     d = x.shape[-1]
     head_dim = d // self.num_heads
     q, k, v = (
-        nn.DenseGeneral((self.num_heads, head_dim), use_bias=False, dtype=self.dtype, name=n)(x)
+        nn.DenseGeneral((self.num_heads, head_dim), use_bias=self.qkv_bias, dtype=self.dtype,
+                        name=n)(x)
         for n in ("query", "key", "value")
     )
     if angles is not None:
-      q, k = apply_rope(q, angles), apply_rope(k, angles)
-    out = jax.nn.dot_product_attention(q, k, v, is_causal=False,
-                                       implementation=self.attention_impl)
+      q, k = apply_rope(q, angles, self.rope_layout), apply_rope(k, angles, self.rope_layout)
+    if self.dropout_rate > 0 and not self.deterministic:
+      scores = jnp.einsum("bqnh,bknh->bnqk", q, k) / math.sqrt(head_dim)
+      probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1)
+      probs = nn.Dropout(self.dropout_rate, deterministic=False)(probs)
+      out = jnp.einsum("bnqk,bknh->bqnh", probs.astype(v.dtype), v)
+    else:
+      out = jax.nn.dot_product_attention(q, k, v, is_causal=False,
+                                         implementation=self.attention_impl)
     return nn.DenseGeneral(d, axis=(-2, -1), use_bias=False, dtype=self.dtype, name="out")(out)
 
 
-class GatedMlp(nn.Module):
-  """Gated MLP: swiglu = silu(x W_g) * (x W_u); glu = sigmoid(x W_g) * (x W_u); then W_o.
+class Mlp(nn.Module):
+  """The block's MLP; see BlockSpec.mlp_type.
+
+  Gated: gate(x W_g) * (x W_u), then W_o, no biases; gate = sigmoid ("glu") or silu ("swiglu").
+  "gelu": gelu(x W_1 + b_1) W_2 + b_2, with element-wise dropout after the gelu and the output.
 
   Attributes:
-    hidden_dim: width of the gated hidden layer.
-    mlp_type: "swiglu" or "glu".
+    hidden_dim: hidden width.
+    mlp_type: "glu", "swiglu" or "gelu".
+    init_scale: variance scale of the kernels' fan-in truncated-normal initialisation.
+    dropout_rate: the "gelu" MLP's own dropout rate.
+    deterministic: disables dropout.
     dtype: compute dtype.
   """
 
   hidden_dim: int
-  mlp_type: str = "swiglu"
+  mlp_type: str = "glu"
+  init_scale: float = 1.0
+  dropout_rate: float = 0.0
+  deterministic: bool = True
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     """x: [B, L, D]. Returns [B, L, D]."""
-    activation = {"swiglu": nn.silu, "glu": nn.sigmoid}[self.mlp_type]
-    gate = nn.Dense(self.hidden_dim, use_bias=False, dtype=self.dtype, name="gate")(x)
-    up = nn.Dense(self.hidden_dim, use_bias=False, dtype=self.dtype, name="up")(x)
-    return nn.Dense(x.shape[-1], use_bias=False, dtype=self.dtype, name="down")(
-        activation(gate) * up
-    )
+    init = nn.initializers.variance_scaling(self.init_scale, "fan_in", "truncated_normal")
+    dense = lambda n, f, bias: nn.Dense(f, use_bias=bias, kernel_init=init, dtype=self.dtype,
+                                        name=n)
+    if self.mlp_type == "gelu":
+      drop = nn.Dropout(self.dropout_rate, deterministic=self.deterministic)
+      h = drop(nn.gelu(dense("fc1", self.hidden_dim, True)(x)))
+      return drop(dense("fc2", x.shape[-1], True)(h))
+    gate = {"glu": nn.sigmoid, "swiglu": nn.silu}[self.mlp_type]
+    h = gate(dense("gate", self.hidden_dim, False)(x)) * dense("up", self.hidden_dim, False)(x)
+    return dense("down", x.shape[-1], False)(h)
 
 
 class TransformerBlock(nn.Module):
-  """Pre-RMSNorm transformer block: RoPE self-attention, then a gated MLP.
+  """Pre-norm transformer block: self-attention, then an MLP.
 
   Given a conditioning vector c, both pre-norms are adaLN-modulated (shift, scale) and both
-  branches gated, all from one Dense of silu(c). That Dense is zero-initialised, so gates
-  are 0 and the block is exactly the identity at init (adaLN-zero, as in DiT).
-  Dropout acts on each branch's output before it joins the residual stream.
+  branches gated, all from one Dense of act(c) (act = spec.cond_activation). That Dense is
+  zero-initialised, so gates are 0 and the block is exactly the identity at init (adaLN-zero, as
+  in DiT). Without c the norms learn their own scale.
 
   Attributes:
-    num_heads: attention heads.
-    mlp_dim: hidden width of the MLP.
-    mlp_type: "swiglu" or "glu".
-    dropout_rate: residual-branch dropout rate.
-    deterministic: disables dropout (an attribute, not an argument, so nn.remat sees it
-      as static).
-    dtype: compute dtype; the residual stream stays float32.
-    attention_impl: see SelfAttention.
+    spec: the BlockSpec.
+    deterministic: disables dropout (an attribute, not an argument, so nn.remat sees it as static).
   """
 
-  num_heads: int
-  mlp_dim: int
-  mlp_type: str = "swiglu"
-  dropout_rate: float = 0.0
+  spec: BlockSpec
   deterministic: bool = True
-  dtype: Any = jnp.float32
-  attention_impl: str | None = None
 
   @nn.compact
   def __call__(self, x: Array, c: Array | None, angles: Array | None) -> Array:
@@ -303,51 +399,69 @@ class TransformerBlock(nn.Module):
     Returns:
       float32[B, L, D].
     """
+    s = self.spec
     d = x.shape[-1]
     conditioned = c is not None
     if conditioned:
-      mod = nn.Dense(6 * d, kernel_init=nn.initializers.zeros, name="adaln")(nn.silu(c))
+      mod = nn.Dense(6 * d, kernel_init=nn.initializers.zeros, name="adaln")(
+          cond_activation(s.cond_activation)(c))
       shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = jnp.split(mod[:, None, :], 6, -1)
+    rate = s.dropout_rate
 
-    # With adaLN the (1 + scale) modulation already provides the learned norm scale.
-    h = nn.RMSNorm(use_scale=not conditioned, dtype=self.dtype, name="attn_norm")(x)
+    h = make_norm(s.norm, s.norm_eps, learned_scale=not conditioned, dtype=s.dtype,
+                  name="attn_norm")(x)
     if conditioned:
       h = modulate(h, shift_a, scale_a)
-    h = SelfAttention(self.num_heads, self.dtype, self.attention_impl, name="attn")(h, angles)
-    h = nn.Dropout(self.dropout_rate, deterministic=self.deterministic)(h)
+    h = SelfAttention(s.num_heads, s.qkv_bias, s.rope or "interleaved",
+                      rate if s.attention_dropout else 0.0, self.deterministic, s.dtype,
+                      s.attention_impl, name="attn")(h, angles if s.rope else None)
+    h = branch_dropout(rate, s.dropout, self.deterministic)(h)
     x = x + (gate_a * h if conditioned else h).astype(jnp.float32)
 
-    h = nn.RMSNorm(use_scale=not conditioned, dtype=self.dtype, name="mlp_norm")(x)
+    h = make_norm(s.norm, s.norm_eps, learned_scale=not conditioned, dtype=s.dtype,
+                  name="mlp_norm")(x)
     if conditioned:
       h = modulate(h, shift_m, scale_m)
-    h = GatedMlp(self.mlp_dim, self.mlp_type, dtype=self.dtype, name="mlp")(h)
-    h = nn.Dropout(self.dropout_rate, deterministic=self.deterministic)(h)
+    h = Mlp(s.mlp_dim, s.mlp_type, s.mlp_init_scale, rate, self.deterministic, s.dtype,
+            name="mlp")(h)
+    if s.mlp_type != "gelu":  # The ViT MLP drops out inside.
+      h = branch_dropout(rate, s.dropout, self.deterministic)(h)
     return x + (gate_m * h if conditioned else h).astype(jnp.float32)
 
 
 class FinalLayer(nn.Module):
-  """Final RMSNorm (adaLN shift/scale, zero-initialised, when conditioned) and projection.
+  """Final norm (adaLN shift/scale, zero-initialised, when conditioned) and a zero-initialised
+  projection, so every output starts at 0 (uniform logits).
 
   Attributes:
     out_features: output width.
+    norm: "layernorm" or "rmsnorm".
+    norm_eps: the norm's epsilon.
+    cond_activation: "sigmoid" or "silu", applied to c before the adaLN projection.
+    use_bias: a bias on the projection.
     dtype: compute dtype of the projection.
   """
 
   out_features: int
+  norm: str = "layernorm"
+  norm_eps: float = 1e-5
+  cond_activation: str = "sigmoid"
+  use_bias: bool = False
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: Array, c: Array | None) -> Array:
     """x: float32[B, L, D]; c: float32[B, Dc] or None. Returns [B, L, out_features] in dtype."""
     conditioned = c is not None
-    h = nn.RMSNorm(use_scale=not conditioned, dtype=self.dtype, name="norm")(x)
+    h = make_norm(self.norm, self.norm_eps, learned_scale=not conditioned, dtype=self.dtype,
+                  name="norm")(x)
     if conditioned:
       mod = nn.Dense(2 * x.shape[-1], kernel_init=nn.initializers.zeros, name="adaln")(
-          nn.silu(c)
-      )
+          cond_activation(self.cond_activation)(c))
       shift, scale = jnp.split(mod[:, None, :], 2, -1)
       h = modulate(h, shift, scale)
-    return nn.Dense(self.out_features, dtype=self.dtype, name="proj")(h)
+    return nn.Dense(self.out_features, use_bias=self.use_bias, kernel_init=nn.initializers.zeros,
+                    dtype=self.dtype, name="proj")(h)
 
 
 def block_class(remat: bool) -> type[TransformerBlock]:
@@ -355,24 +469,46 @@ def block_class(remat: bool) -> type[TransformerBlock]:
   return nn.remat(TransformerBlock) if remat else TransformerBlock
 
 
+def mlp_width(ratio: float, d_model: int, multiple: int) -> int:
+  """ratio * d_model rounded down, then up to a multiple of `multiple` (the released code's rule,
+  int(8d/3) rounded up to a multiple of 32). The 1e-6 absorbs the float error of ratios such as
+  8/3, so 8/3 * 768 counts as 2048."""
+  width = math.floor(ratio * d_model + 1e-6)
+  return multiple * math.ceil(width / multiple)
+
+
 # -------------------------------------------------------------------------- transformer
 
 
 @dataclasses.dataclass(frozen=True)
 class TransformerConfig:
-  """Configuration of `Transformer`.
+  """Configuration of `Transformer`. The defaults are the released code's text network.
 
   Attributes:
-    vocab_size: number of real tokens; id vocab_size is the mask, so inputs are in
-      [0, vocab_size] and logits have vocab_size entries.
+    vocab_size: number of real tokens; token id vocab_size is the mask.
     num_layers: transformer blocks.
-    num_heads: attention heads; d_model / num_heads must be even (RoPE pairs).
-    d_model: width of the residual stream, also of the conditioning vector.
-    mlp_ratio: MLP hidden width as a multiple of d_model.
-    dropout_rate: residual-branch dropout rate, active only with train=True.
-    mlp_type: "swiglu" (silu gate) or "glu" (sigmoid gate).
-    time_conditioning: condition on t through adaLN-zero; if False the output does not
-      depend on t at all.
+    num_heads: attention heads; d_model must be divisible by 2 * num_heads (RoPE pairs).
+    d_model: width of the residual stream.
+    mlp_ratio, mlp_multiple: the MLP is mlp_width(mlp_ratio, d_model, mlp_multiple) wide.
+    mlp_type: "glu" (sigmoid gate), "swiglu" (silu gate) or "gelu" (ungated ViT MLP).
+    norm: "layernorm" or "rmsnorm" (no bias; a learned scale only without conditioning).
+    norm_eps: the norms' epsilon.
+    cond_dim: width of the conditioning vector (time, class) feeding every adaLN projection;
+      0 means d_model.
+    cond_activation: "sigmoid" or "silu", applied to the conditioning vector before each adaLN
+      projection (the released code uses its MLP gate's activation there).
+    embed_dim: 0: tokens are embedded straight to d_model; else to embed_dim, then projected to
+      d_model by a Dense with bias (the released code's text8 network: 64).
+    rope: "interleaved" (pairs 2i, 2i + 1) or "halves" (pairs i, i + H/2).
+    depth_scaled_init: MLP kernels drawn with variance scale 2 / num_layers instead of 1.
+    qkv_bias: biases on the query, key and value projections.
+    output_bias: a bias on the output layer.
+    dropout_rate: the rate of every dropout below; 0 disables them all.
+    dropout: "channel" or "element": residual branch dropout (one mask per example and feature,
+      or per element).
+    attention_dropout: also drop attention probabilities (element-wise).
+    embed_dropout: also drop token embeddings (element-wise).
+    time_conditioning: condition on t; if False the output does not depend on t at all.
     num_classes: class labels for conditioning; 0 = unconditional.
     dtype: compute dtype ("float32", "bfloat16", "float16" or a jnp dtype); parameters and
       logits are float32 regardless.
@@ -386,9 +522,22 @@ class TransformerConfig:
   num_layers: int = 12
   num_heads: int = 12
   d_model: int = 768
-  mlp_ratio: float = 4.0
+  mlp_ratio: float = 8 / 3
+  mlp_multiple: int = 32
+  mlp_type: str = "glu"
+  norm: str = "layernorm"
+  norm_eps: float = 1e-5
+  cond_dim: int = 64
+  cond_activation: str = "sigmoid"
+  embed_dim: int = 0
+  rope: str = "interleaved"
+  depth_scaled_init: bool = True
+  qkv_bias: bool = False
+  output_bias: bool = False
   dropout_rate: float = 0.0
-  mlp_type: str = "swiglu"
+  dropout: str = "channel"
+  attention_dropout: bool = True
+  embed_dropout: bool = True
   time_conditioning: bool = True
   num_classes: int = 0
   dtype: Any = jnp.float32
@@ -397,25 +546,44 @@ class TransformerConfig:
   attention_impl: str | None = None
 
   def __post_init__(self):
-    check_positive(vocab_size=self.vocab_size, num_heads=self.num_heads,
-                   d_model=self.d_model, mlp_ratio=self.mlp_ratio, rope_base=self.rope_base)
-    if self.num_layers < 0:
-      raise ValueError(f"num_layers must be >= 0, got {self.num_layers!r}")
-    if self.mlp_type not in MLP_TYPES:
-      raise ValueError(f"mlp_type must be one of {MLP_TYPES}, got {self.mlp_type!r}")
+    check_positive(vocab_size=self.vocab_size, num_heads=self.num_heads, d_model=self.d_model,
+                   mlp_ratio=self.mlp_ratio, mlp_multiple=self.mlp_multiple,
+                   norm_eps=self.norm_eps, rope_base=self.rope_base)
+    if self.num_layers < 0 or self.embed_dim < 0 or self.cond_dim < 0:
+      raise ValueError(f"num_layers, embed_dim and cond_dim must be >= 0, got {self.num_layers!r}, "
+                       f"{self.embed_dim!r} and {self.cond_dim!r}")
+    for name, choices in (("mlp_type", MLP_TYPES), ("norm", NORMS), ("rope", ROPE_LAYOUTS),
+                          ("dropout", DROPOUT_KINDS), ("cond_activation", COND_ACTIVATIONS)):
+      check_choice(name, getattr(self, name), choices)
     if self.d_model % (2 * self.num_heads):
       raise ValueError(
           f"d_model={self.d_model} must be divisible by 2 * num_heads={2 * self.num_heads} "
           "(RoPE rotates pairs of head features)"
       )
     dtype = check_common_fields(num_classes=self.num_classes, dropout_rate=self.dropout_rate,
-                                dtype=self.dtype, attention_impl=self.attention_impl)
+                                dtype=self.dtype, attention_impl=self.attention_impl,
+                                cond_dim=self.conditioning_dim)
     object.__setattr__(self, "dtype", dtype)
 
   @property
   def mlp_dim(self) -> int:
     """MLP hidden width."""
-    return int(round(self.mlp_ratio * self.d_model))
+    return mlp_width(self.mlp_ratio, self.d_model, self.mlp_multiple)
+
+  @property
+  def conditioning_dim(self) -> int:
+    """Width of the conditioning vector."""
+    return self.cond_dim or self.d_model
+
+  def block_spec(self) -> BlockSpec:
+    return BlockSpec(
+        num_heads=self.num_heads, mlp_dim=self.mlp_dim, mlp_type=self.mlp_type, norm=self.norm,
+        norm_eps=self.norm_eps, cond_activation=self.cond_activation, qkv_bias=self.qkv_bias,
+        rope=self.rope,
+        mlp_init_scale=2.0 / max(self.num_layers, 1) if self.depth_scaled_init else 1.0,
+        dropout_rate=self.dropout_rate, dropout=self.dropout,
+        attention_dropout=self.attention_dropout, dtype=self.dtype,
+        attention_impl=self.attention_impl)
 
 
 class Transformer(nn.Module):
@@ -444,22 +612,19 @@ class Transformer(nn.Module):
     """
     cfg = self.config
     check_inputs(z, t, cond, num_classes=cfg.num_classes, z_ndim=2, z_desc="int32[B, L]")
-    c = ConditionEmbedding(cfg.d_model, cfg.time_conditioning, cfg.num_classes,
+    c = ConditionEmbedding(cfg.conditioning_dim, cfg.time_conditioning, cfg.num_classes,
                            name="cond_embed")(t, cond)
     # The residual stream is float32 so bf16 rounding does not pile up across layers.
-    x = nn.Embed(cfg.vocab_size + 1, cfg.d_model, name="embed")(z)
+    x = nn.Embed(cfg.vocab_size + 1, cfg.embed_dim or cfg.d_model, name="embed")(z)
+    if cfg.embed_dim:
+      x = nn.Dense(cfg.d_model, dtype=cfg.dtype, name="embed_proj")(x).astype(jnp.float32)
+    if cfg.embed_dropout:
+      x = nn.Dropout(cfg.dropout_rate, deterministic=not train)(x)
     angles = rope_angles(jnp.arange(z.shape[1]), cfg.d_model // cfg.num_heads, cfg.rope_base)
     block = block_class(cfg.remat)
+    spec = cfg.block_spec()
     for i in range(cfg.num_layers):
-      x = block(
-          num_heads=cfg.num_heads,
-          mlp_dim=cfg.mlp_dim,
-          mlp_type=cfg.mlp_type,
-          dropout_rate=cfg.dropout_rate,
-          deterministic=not train,
-          dtype=cfg.dtype,
-          attention_impl=cfg.attention_impl,
-          name=f"block_{i}",
-      )(x, c, angles)
-    logits = FinalLayer(cfg.vocab_size, dtype=cfg.dtype, name="final")(x, c)
+      x = block(spec, deterministic=not train, name=f"block_{i}")(x, c, angles)
+    logits = FinalLayer(cfg.vocab_size, cfg.norm, cfg.norm_eps, cfg.cond_activation,
+                        cfg.output_bias, dtype=cfg.dtype, name="final")(x, c)
     return logits.astype(jnp.float32)

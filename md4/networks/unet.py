@@ -1,8 +1,12 @@
-"""Single-resolution UNet denoiser over image pixels (the paper's CIFAR-10 backbone).
+"""Single-resolution UNet denoiser over image pixels: the released code's CIFAR-10 network.
 
-No down- or upsampling, as in VDM's CIFAR-10 model: a stack of ResNet blocks whose
-activations are saved on the way "down" and concatenated back in on the way "up", with
-two ResNet blocks (and optionally a self-attention block between them) in the middle.
+No down- or upsampling, as in VDM's CIFAR-10 model: each channel token is embedded and the
+channels' embeddings concatenated per pixel, then a stack of ResNet blocks whose activations are
+saved on the way "down" and concatenated back in on the way "up", with two ResNet blocks and a
+self-attention block over all pixels between them in the middle.
+
+Also home to what the UViT (uvit.py) shares: the pixel embedding, the ResNet block (conditioned
+additively here, through modulated GroupNorms there) and the full-resolution ends of the network.
 """
 
 from __future__ import annotations
@@ -16,14 +20,12 @@ import jax.numpy as jnp
 
 from md4.networks.transformer import (
     ConditionEmbedding,
-    SelfAttention,
     check_common_fields,
     check_inputs,
     check_positive,
 )
 
 Array = jax.Array
-
 
 def check_image_inputs(z: Array, num_channels: int) -> None:
   """Raises ValueError unless z (already known to be rank 4) has num_channels channels."""
@@ -52,37 +54,46 @@ class PixelEmbedding(nn.Module):
     return x.reshape(*z.shape[:-1], -1)
 
 
-class PixelLogits(nn.Module):
-  """GroupNorm, swish and a 3x3 conv to per-channel logits.
+class GroupNorm(nn.Module):
+  """GroupNorm; in "norm" mode with a conditioning vector, its scale and shift come from it.
+
+  "add" mode, or no conditioning: a GroupNorm with learned scale and bias. "norm" mode with c: a
+  parameter-free GroupNorm times (1 + scale) plus shift, from a zero-initialised Dense of c.
 
   Attributes:
-    vocab_size: logits per channel.
-    num_channels: image channels C.
-    norm_groups: GroupNorm groups.
+    groups: number of groups.
+    cond_mode: "add" or "norm".
     dtype: compute dtype.
   """
 
-  vocab_size: int
-  num_channels: int
-  norm_groups: int
+  groups: int
+  cond_mode: str = "add"
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, h: Array) -> Array:
-    """h: [B, H, W, F]. Returns float32[B, H, W, C, vocab_size]."""
-    h = nn.swish(nn.GroupNorm(self.norm_groups, dtype=self.dtype, name="norm")(h))
-    h = nn.Conv(self.num_channels * self.vocab_size, (3, 3), dtype=self.dtype, name="conv")(h)
-    return h.reshape(*h.shape[:-1], self.num_channels, self.vocab_size).astype(jnp.float32)
+  def __call__(self, x: Array, c: Array | None) -> Array:
+    """x: [B, H, W, F]; c: float32[B, Dc] or None. Returns [B, H, W, F]."""
+    if self.cond_mode == "norm" and c is not None:
+      scale, shift = jnp.split(
+          nn.Dense(2 * x.shape[-1], kernel_init=nn.initializers.zeros, name="modulation")(c)[
+              :, None, None, :], 2, axis=-1)
+      h = nn.GroupNorm(self.groups, use_bias=False, use_scale=False, dtype=self.dtype,
+                       name="norm")(x)
+      return h * (1.0 + scale) + shift
+    return nn.GroupNorm(self.groups, dtype=self.dtype, name="norm")(x)
 
 
 class ResBlock(nn.Module):
-  """Pre-activation ResNet block; the conditioning vector is added after the first conv.
+  """Pre-activation ResNet block; the second conv is zero-initialised, so the block starts as (a
+  projection of) the identity.
 
-  The second conv is zero-initialised so the block starts as (a projection of) the identity.
+  Conditioning: in "add" mode a bias-free, zero-initialised Dense of c is added after the first
+  conv; in "norm" mode c sets the scale and shift of both GroupNorms (see GroupNorm).
 
   Attributes:
     features: output channels.
     norm_groups: GroupNorm groups.
+    cond_mode: "add" or "norm".
     dropout_rate: dropout before the second conv.
     deterministic: disables dropout (an attribute, so nn.remat sees it as static).
     dtype: compute dtype; the output is float32.
@@ -90,6 +101,7 @@ class ResBlock(nn.Module):
 
   features: int
   norm_groups: int
+  cond_mode: str = "add"
   dropout_rate: float = 0.0
   deterministic: bool = True
   dtype: Any = jnp.float32
@@ -97,24 +109,24 @@ class ResBlock(nn.Module):
   @nn.compact
   def __call__(self, x: Array, c: Array | None) -> Array:
     """x: [B, H, W, F_in]; c: float32[B, Dc] or None. Returns float32[B, H, W, features]."""
-    h = nn.swish(nn.GroupNorm(self.norm_groups, dtype=self.dtype, name="norm_0")(x))
+    norm = lambda name: GroupNorm(self.norm_groups, self.cond_mode, self.dtype, name=name)
+    h = nn.swish(norm("norm_0")(x, c))
     h = nn.Conv(self.features, (3, 3), dtype=self.dtype, name="conv_0")(h)
-    if c is not None:
-      h = h + nn.Dense(self.features, dtype=self.dtype, name="cond_proj")(nn.swish(c))[
-          :, None, None, :
-      ]
-    h = nn.swish(nn.GroupNorm(self.norm_groups, dtype=self.dtype, name="norm_1")(h))
+    if c is not None and self.cond_mode == "add":
+      h = h + nn.Dense(self.features, use_bias=False, kernel_init=nn.initializers.zeros,
+                       dtype=self.dtype, name="cond_proj")(c)[:, None, None, :]
+    h = nn.swish(norm("norm_1")(h, c))
     h = nn.Dropout(self.dropout_rate, deterministic=self.deterministic)(h)
     h = nn.Conv(self.features, (3, 3), kernel_init=nn.initializers.zeros, dtype=self.dtype,
                 name="conv_1")(h)
     if x.shape[-1] != self.features:
-      x = nn.Conv(self.features, (1, 1), dtype=self.dtype, name="skip")(x)
+      x = nn.Dense(self.features, dtype=self.dtype, name="skip")(x)
     return x.astype(jnp.float32) + h.astype(jnp.float32)
 
 
 class AttentionBlock(nn.Module):
-  """Residual self-attention over all pixels of one resolution (no position encoding:
-  the surrounding convolutions already carry position).
+  """Residual self-attention over all pixels of one resolution, with biases on every projection
+  (no position encoding: the surrounding convolutions already carry position).
 
   Attributes:
     num_heads: attention heads.
@@ -132,31 +144,35 @@ class AttentionBlock(nn.Module):
   def __call__(self, x: Array) -> Array:
     """x: float32[B, H, W, F]. Returns float32[B, H, W, F]."""
     b, height, width, f = x.shape
-    h = nn.GroupNorm(self.norm_groups, dtype=self.dtype, name="norm")(x)
-    h = SelfAttention(self.num_heads, self.dtype, self.attention_impl, name="attn")(
-        h.reshape(b, height * width, f)
-    )
-    return x + h.reshape(b, height, width, f).astype(jnp.float32)
+    h = nn.GroupNorm(self.norm_groups, dtype=self.dtype, name="norm")(x).reshape(b, -1, f)
+    head_dim = f // self.num_heads
+    q, k, v = (nn.DenseGeneral((self.num_heads, head_dim), dtype=self.dtype, name=n)(h)
+               for n in ("query", "key", "value"))
+    out = jax.nn.dot_product_attention(q, k, v, implementation=self.attention_impl)
+    out = nn.DenseGeneral(f, axis=(-2, -1), dtype=self.dtype, name="out")(out)
+    return x + out.reshape(b, height, width, f).astype(jnp.float32)
 
 
 class ResNetEnds:
   """The full-resolution ends that UNet and UViT share, built inside the caller's compact method (so
   parameters keep the caller's names): pixel embedding, input conv and the down ResBlocks, whose
-  outputs are kept as skips; then the up ResBlocks that consume them and the logits head.
+  outputs are kept as skips; then the up ResBlocks that consume them and the logits head (norm,
+  swish, zero-initialised 3x3 conv to C * vocab_size per pixel).
 
   cfg: a UNetConfig or UViTConfig (vocab_size, num_channels, features, num_res_blocks,
-  norm_groups, dropout_rate, dtype, remat).
+  norm_groups, dropout_rate, dtype, remat). cond_mode: the ResBlocks' and the head's conditioning.
   """
 
-  def __init__(self, cfg: Any, train: bool):
+  def __init__(self, cfg: Any, train: bool, cond_mode: str):
     self.cfg = cfg
+    self.cond_mode = cond_mode
     self._block_cls = nn.remat(ResBlock) if cfg.remat else ResBlock
     self._train = train
     self.skips: list[Array] = []
 
   def res_block(self, name: str) -> nn.Module:
     cfg = self.cfg
-    return self._block_cls(cfg.features, cfg.norm_groups, cfg.dropout_rate,
+    return self._block_cls(cfg.features, cfg.norm_groups, self.cond_mode, cfg.dropout_rate,
                            deterministic=not self._train, dtype=cfg.dtype, name=name)
 
   def down(self, z: Array, c: Array | None) -> Array:
@@ -175,21 +191,23 @@ class ResNetEnds:
     cfg = self.cfg
     for i in range(cfg.num_res_blocks + 1):
       h = self.res_block(f"up_{i}")(jnp.concatenate([h, self.skips.pop()], axis=-1), c)
-    return PixelLogits(cfg.vocab_size, cfg.num_channels, cfg.norm_groups, dtype=cfg.dtype,
-                       name="logits")(h)
+    h = nn.swish(GroupNorm(cfg.norm_groups, self.cond_mode, cfg.dtype, name="out_norm")(h, c))
+    h = nn.Conv(cfg.num_channels * cfg.vocab_size, (3, 3), kernel_init=nn.initializers.zeros,
+                dtype=cfg.dtype, name="out_conv")(h)
+    return h.reshape(*h.shape[:-1], cfg.num_channels, cfg.vocab_size).astype(jnp.float32)
 
 
 @dataclasses.dataclass(frozen=True)
 class UNetConfig:
-  """Configuration of `UNet`.
+  """Configuration of `UNet`. The defaults are the released code's CIFAR-10 network.
 
   Attributes:
     vocab_size: values per channel (256 for 8-bit pixels); id vocab_size is the mask.
     num_channels: image channels C.
-    features: width of every block, also of each channel token's embedding.
+    features: width of every block, of each channel token's embedding and of the conditioning
+      vector.
     num_res_blocks: ResBlocks on the way down; the way up has num_res_blocks + 1, and the
-      middle two. The defaults (128 features, 32 blocks, dropout 0.1, attention) are VDM's
-      CIFAR-10 UNet.
+      middle two.
     attention: a self-attention block over all pixels between the two middle ResBlocks.
     num_heads: heads of that attention block; features must be divisible by it.
     norm_groups: GroupNorm groups; features must be divisible by it.
@@ -229,7 +247,8 @@ class UNetConfig:
             f"features={self.features} must be divisible by {divisor}={getattr(self, divisor)}"
         )
     dtype = check_common_fields(num_classes=self.num_classes, dropout_rate=self.dropout_rate,
-                                dtype=self.dtype, attention_impl=self.attention_impl)
+                                dtype=self.dtype, attention_impl=self.attention_impl,
+                                cond_dim=self.features)
     object.__setattr__(self, "dtype", dtype)
 
 
@@ -260,9 +279,9 @@ class UNet(nn.Module):
     cfg = self.config
     check_inputs(z, t, cond, num_classes=cfg.num_classes, z_ndim=4, z_desc="int32[B, H, W, C]")
     check_image_inputs(z, cfg.num_channels)
-    c = ConditionEmbedding(4 * cfg.features, cfg.time_conditioning, cfg.num_classes,
+    c = ConditionEmbedding(cfg.features, cfg.time_conditioning, cfg.num_classes,
                            name="cond_embed")(t, cond)
-    ends = ResNetEnds(cfg, train)
+    ends = ResNetEnds(cfg, train, "add")
     h = ends.down(z, c)
     h = ends.res_block("mid_0")(h, c)
     if cfg.attention:
