@@ -21,6 +21,8 @@ INSTALL_REQUIRES = [
     "tiktoken==0.14.0",
     "pyarrow==26.0.1",
     "array-record==0.8.6",
+    "safetensors==0.8.0",  # The GPT-2 judge's weights.
+    "matplotlib==3.10.9",  # The sweep's and the study's plots.
 ]
 
 setup(

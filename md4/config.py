@@ -39,6 +39,9 @@ class ModelConfig:
   state_dependent: bool = False  # GenMD4: learnable per-token exponents, alpha_v = 1 - t^{w_v}.
   power_init: float = 1.0  # GenMD4's initial w_v (held as softplus(raw) > 0).
   network_masks: int = 2  # GenMD4: masks per example in the network's gradient (1 or 2).
+  # "diffusion" (MD4, GenMD4) or "autoregressive": a causal transformer (model.net.causal=True,
+  # time_conditioning=False) with its exact likelihood, such as a judge of sample quality.
+  objective: str = "diffusion"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,6 +169,28 @@ def validate(cfg: Config) -> None:
   for ok, message in checks:
     if not ok:
       raise ValueError(message)
+  _validate_objective(cfg)
+
+
+def _validate_objective(cfg: Config) -> None:
+  m = cfg.model
+  if m.objective not in ("diffusion", "autoregressive"):
+    raise ValueError(f"model.objective must be 'diffusion' or 'autoregressive', got {m.objective!r}")
+  causal = bool(m.net.get("causal", False))
+  if m.objective == "diffusion" and causal:
+    raise ValueError("model.net.causal=True: a causal network cannot denoise; it needs "
+                     "model.objective='autoregressive'")
+  if m.objective == "autoregressive":
+    problems = [
+        (m.network == "transformer" and causal,
+         "model.network='transformer' with model.net.causal=True"),
+        (not m.net.get("time_conditioning", True), "model.net.time_conditioning=False"),
+        (not m.state_dependent, "model.state_dependent=False"),
+        (cfg.train.sample_every == 0, "train.sample_every=0 (the samplers are diffusion samplers)"),
+    ]
+    missing = [what for ok, what in problems if not ok]
+    if missing:
+      raise ValueError("model.objective='autoregressive' needs " + ", ".join(missing))
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:
@@ -175,7 +200,8 @@ def to_dict(cfg: Config) -> dict[str, Any]:
 
 # The keys that fix the shapes and meaning of a checkpoint's parameters: a checkpoint whose values
 # differ here belongs to another model and is refused.
-STATE_DEFINING_KEYS = ("model.network", "model.net", "model.vocab_size", "model.state_dependent")
+STATE_DEFINING_KEYS = ("model.network", "model.net", "model.vocab_size", "model.state_dependent",
+                       "model.objective")
 
 
 def state_fingerprint(cfg: Config) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""The bound on a dataset split: bits per token (char, dim) with its standard error, and perplexity.
+"""The bound on a dataset split (an autoregressive model's exact likelihood): bits per token (char,
+dim) with its standard error, and perplexity; and the zero-shot table.
 
 Each example's estimate averages K draws of (t, z_t) from a key of its own (fold_in(rng, index)),
 so results do not depend on the batch size or the number of devices and processes. Bits per token
@@ -18,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from md4 import elbo, model, sharding
+from md4 import model, sharding
 from md4.config import Config
 from md4.data.pipeline import Dataset
 
@@ -45,10 +46,8 @@ class EvalResult(NamedTuple):
 def _batch_sums(params, batch, rng, *, network, cfg):
   """Weighted sums over a batch (replicated scalars): nats, tokens, nats/token and its square, n."""
   keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(batch["index"])
-  denoise_fn = model.denoiser(network, params, model.class_labels(cfg, batch))
-  nats = elbo.nelbo(denoise_fn, batch["x"], keys, model.make_schedule(cfg.model, params),
-                    vocab_size=cfg.model.vocab_size, num_samples=cfg.eval.num_time_samples,
-                    timesteps=cfg.eval.timesteps or None)
+  nats = model.OBJECTIVES[cfg.model.objective].eval(cfg, network, params, batch["x"], keys,
+                                                    model.class_labels(cfg, batch))
   tokens = math.prod(batch["x"].shape[1:])
   w = batch["weight"]
   per_token = nats / tokens
@@ -57,7 +56,8 @@ def _batch_sums(params, batch, rng, *, network, cfg):
 
 
 class Evaluator:
-  """Evaluates the bound over a split, every example exactly once; compiled once per instance."""
+  """Evaluates the bound (or exact likelihood) over a split, every example exactly once; compiled
+  once per instance."""
 
   def __init__(self, network: nn.Module, cfg: Config, mesh: Mesh):
     sharding.check_batch_size(cfg.eval.batch_size, mesh, "eval.batch_size")
@@ -89,3 +89,56 @@ class Evaluator:
         # exp overflows a float past ~709 nats per token (a diverged model): report inf.
         perplexity=math.exp(nats / tokens) if nats / tokens < 700 else math.inf,
         num_examples=int(n), unit=dataset.spec.unit)
+
+
+class ZeroShotRow(NamedTuple):
+  """One corpus of the zero-shot table."""
+  title: str
+  num_documents: int
+  num_blocks: int  # Full blocks plus the shorter last one, if any.
+  num_tokens: int
+  time_samples: int  # Draws of (t, z_t) per block; 0 for an exact (autoregressive) likelihood.
+  result: EvalResult
+  paper_md4_s: float
+
+  @property
+  def perplexity_se(self) -> float:
+    """Standard error of the perplexity (delta method on the per-block bits/token)."""
+    return self.result.perplexity * math.log(2.0) * self.result.bits_se
+
+
+def zero_shot_row(evaluator: Evaluator, params, name: str, rows: list[str], tokenizer,
+                  seq_length: int, vocab_size: int) -> ZeroShotRow:
+  """The model's perplexity on one zero-shot corpus, every token of its test set scored once.
+
+  Args:
+    evaluator: an Evaluator of the model (its cfg.eval.num_time_samples draws per block).
+    params: the model's parameters.
+    name: the corpus (md4.data.zero_shot.CORPORA).
+    rows: its test set's rows (md4.data.zero_shot.read_rows).
+    tokenizer: the model's tokenizer.
+    seq_length: the model's sequence length (the block length).
+    vocab_size: the dataset vocabulary of the model (its tokenizer's).
+  """
+  from md4.data import zero_shot as zs  # pylint: disable=g-import-not-at-top
+  blocks = zs.tokenize(name, rows, tokenizer, seq_length)
+  result = evaluator(params, zs.ZeroShotSet(name, blocks, vocab_size, seq_length), split="test",
+                     max_examples=0)
+  exact = evaluator.cfg.model.objective == "autoregressive"
+  return ZeroShotRow(zs.corpus(name).title, blocks.num_documents,
+                     len(blocks.blocks) + bool(blocks.tail.size), blocks.num_tokens,
+                     0 if exact else evaluator.cfg.eval.num_time_samples, result,
+                     zs.corpus(name).paper_md4_s)
+
+
+ZERO_SHOT_HEADER = ("| corpus | documents | blocks | tokens | time samples / block | perplexity | "
+                    "MD4-S, paper (<=) |\n|---|---|---|---|---|---|---|")
+
+
+def zero_shot_line(row: ZeroShotRow) -> str:
+  """The row's line of a Markdown table under ZERO_SHOT_HEADER; a bound is marked <=."""
+  bound = "<= " if row.time_samples else ""
+  samples = row.time_samples or "- (exact)"
+  return (f"| {row.title} | {row.num_documents} | {row.num_blocks} | {row.num_tokens} | "
+          f"{samples} | {bound}{row.result.perplexity:.2f} ± {row.perplexity_se:.2f} | "
+          f"{row.paper_md4_s:.2f} |")

@@ -76,10 +76,20 @@ class Sampler:
         top_p=None if s.top_p >= 1.0 else s.top_p, time_grid_kind=s.time_grid,
         reuse_unchanged=s.reuse_unchanged)
 
+  @staticmethod
+  def _args(params, rng, init, labels):
+    return (params, rng, jnp.asarray(init, jnp.int32),
+            None if labels is None else jnp.asarray(labels, jnp.int32))
+
   def __call__(self, params, rng: jax.Array, init: np.ndarray,
                labels: np.ndarray | None = None) -> sampling.SampleResult:
-    return self._run(params, rng, jnp.asarray(init, jnp.int32),
-                     None if labels is None else jnp.asarray(labels, jnp.int32))
+    return self._run(*self._args(params, rng, init, labels))
+
+  def compile(self, params, rng: jax.Array, init: np.ndarray, labels: np.ndarray | None = None):
+    """The sampler compiled ahead for these arguments' shapes, called like the Sampler (so a
+    timed call measures sampling, not compilation)."""
+    compiled = self._run.lower(*self._args(params, rng, init, labels)).compile()
+    return lambda params, rng, init, labels=None: compiled(*self._args(params, rng, init, labels))
 
 
 def unconditional_init(spec: DatasetSpec, num_samples: int, mask_id: int) -> np.ndarray:

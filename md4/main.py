@@ -2,8 +2,9 @@
 
   md4 train  [--config=configs/demo.py] [--workdir=runs/NAME] [--config.KEY=VALUE ...]
   md4 eval   [--config=...] [--workdir=...] [--checkpoint_step=N] [--split=valid]
+             [--zero_shot=NAME --source=FILES | --zero_shot=all --source=NAME=FILE,...]
   md4 sample [--config=...] [--workdir=...] [--checkpoint_step=N] [--prompt=TEXT | --infill=TEMPLATE]
-             [--output=PATH_STEM]
+             [--output=PATH_STEM] [--judge=DIR] [--sweep_steps=64,128,... --sweep_methods=...]
   md4 prepare DATASET --data_dir=DIR [--source=FILES] [dataset options]
   md4 info   [--config=...]          parameters, per-module counts, data, FLOPs; allocates nothing
   md4 convert --from_reference=DIR [--config=...] [--workdir=...] [--checkpoint_step=N]
@@ -45,16 +46,34 @@ _FROM_REFERENCE = flags.DEFINE_string(
     "from_reference", None, "convert: a checkpoint of google-deepmind/md4 (its workdir, "
     "checkpoints/ directory, step directory or train_state directory).")
 _SPLIT = flags.DEFINE_string("split", None, "eval: the split (default: config.eval.split).")
+_ZERO_SHOT = flags.DEFINE_string(
+    "zero_shot", None, "eval: a zero-shot test set (lambada, wikitext2, ptb, wikitext103, lm1b) "
+    "read from --source=FILES, or 'all' with --source=NAME=FILE,NAME=FILE,...")
 _PROMPT = flags.DEFINE_string("prompt", None, "sample: text prefix to continue.")
+_JUDGE = flags.DEFINE_string(
+    "judge", None, "sample: score the samples' generative perplexity with a judge: a Hugging Face "
+    "GPT-2 directory (config.json, model.safetensors, vocab.json, merges.txt) or the workdir of an "
+    "autoregressive model of this project (configs/judge_demo.py).")
+_SWEEP_STEPS = flags.DEFINE_list(
+    "sweep_steps", None, "sample: numbers of steps to sweep (e.g. 64,128,256,1024), printing a "
+    "table and a PNG of generative perplexity, entropy and wall time per sampler; needs --judge.")
+_SWEEP_METHODS = flags.DEFINE_list(
+    "sweep_methods", None, "sample --sweep_steps: the samplers (default: ancestral, euler, mean, "
+    "first_hitting; GenMD4 has no first_hitting).")
+_SWEEP_GRIDS = flags.DEFINE_list(
+    "sweep_grids", None, "sample --sweep_steps: the time grids, uniform and/or cosine (default: "
+    "config.sample.time_grid).")
 _INFILL = flags.DEFINE_string("infill", None, "sample: template whose '_' characters are filled.")
 _OUTPUT = flags.DEFINE_string("output", None,
                               "sample: output path without extension (default: workdir/samples/).")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "prepare: where to write the prepared dataset.")
-_SOURCE = flags.DEFINE_list("source", None, "prepare: local input files, directories or globs "
+_SOURCE = flags.DEFINE_list("source", None, "prepare, eval --zero_shot: local input files, "
+                            "directories or globs "
                             "(text8: text8.zip; openwebtext, fineweb_edu: parquet/jsonl/txt files; "
                             "imagenet64, imagenet64_resized: the folder of its manual download).")
-_TOKENIZER = flags.DEFINE_string("tokenizer", None, "prepare (openwebtext, fineweb_edu): 'gpt2' "
-                                 "(default) or 'sentencepiece:PATH'.")
+_TOKENIZER = flags.DEFINE_string(
+    "tokenizer", None, "prepare (openwebtext, fineweb_edu; default 'gpt2'), eval --zero_shot "
+    "(default: the prepared dataset's, else 'gpt2'): 'gpt2', 'bpe:DIR' or 'sentencepiece:PATH'.")
 _SEQ_LENGTH = flags.DEFINE_integer("seq_length", None, "prepare: tokens per packed block (1024).")
 _HELDOUT = flags.DEFINE_float("heldout_fraction", None,
                               "prepare: fraction of documents held out for evaluation (0.005).")
@@ -81,14 +100,20 @@ def _default_workdir() -> str:
 
 
 def _restore_for_inference(cfg, workdir, step):
-  """(setup, dataset, params) from a checkpoint; EMA params unless the config says otherwise."""
+  """(setup, dataset, state) from a checkpoint, with the config's dataset loaded."""
+  from md4.data import pipeline
+  dataset = pipeline.load(cfg.data)
+  setup, state = _restore(cfg, dataset.spec, workdir, step)
+  return setup, dataset, state
+
+
+def _restore(cfg, spec, workdir, step):
+  """(setup, state) of the checkpoint at `step` (default: the latest) in workdir."""
   import jax
 
   from md4 import train
-  from md4.data import pipeline
 
-  dataset = pipeline.load(cfg.data)
-  setup = train.make_setup(cfg, dataset.spec)
+  setup = train.make_setup(cfg, spec)
   checkpointer = train.Checkpointer(workdir, cfg, read_only=True)
   restored = checkpointer.restore(train.abstract_state(setup), step)
   if restored is None:
@@ -96,7 +121,7 @@ def _restore_for_inference(cfg, workdir, step):
                          f"(md4 train --workdir={workdir})")
   state = restored[0]
   jax.block_until_ready(state)
-  return setup, dataset, state
+  return setup, state
 
 
 def _train(cfg, workdir):
@@ -108,11 +133,90 @@ def _eval(cfg, workdir):
   import jax
 
   from md4.evaluate import Evaluator
+  if _ZERO_SHOT.value:
+    return _zero_shot(cfg, workdir)
+  if _SOURCE.value or _TOKENIZER.value:
+    raise app.UsageError("--source and --tokenizer go with --zero_shot (or md4 prepare)")
   setup, dataset, state = _restore_for_inference(cfg, workdir, _STEP.value)
   params = state.ema_params if cfg.eval.use_ema else state.params
   result = Evaluator(setup.network, cfg, setup.mesh)(params, dataset, split=_SPLIT.value)
   if jax.process_index() == 0:
-    print(f"step {int(state.step)}, split {_SPLIT.value or cfg.eval.split}: {result.summary()}")
+    if cfg.model.objective == "autoregressive":
+      what = "exact likelihood"
+    else:
+      what = (f"{cfg.eval.timesteps}-step discrete-time" if cfg.eval.timesteps else
+              "continuous-time") + f" bound, {cfg.eval.num_time_samples} time sample(s) per example"
+    print(f"step {int(state.step)}, split {_SPLIT.value or cfg.eval.split}, {what}: "
+          f"{result.summary()}")
+
+
+def _zero_shot_sources() -> dict[str, list[str]]:
+  """--zero_shot=NAME --source=FILES, or --zero_shot=all --source=NAME=FILE,NAME=FILE,...: the
+  files of each corpus, every one checked to exist."""
+  from md4.data import zero_shot
+  given = _SOURCE.value or []
+  if _ZERO_SHOT.value != "all":
+    zero_shot.corpus(_ZERO_SHOT.value)
+    sources = {_ZERO_SHOT.value: list(given)}
+  else:
+    sources = {}
+    for item in given:
+      name, sep, path = item.partition("=")
+      if not sep:
+        raise ValueError(f"--zero_shot=all takes --source=NAME=FILE,...; got {item!r} (NAME one "
+                         f"of {', '.join(zero_shot.CORPORA)})")
+      zero_shot.corpus(name)
+      sources.setdefault(name, []).append(path)
+    if not sources:
+      raise ValueError("--zero_shot=all found no --source=NAME=FILE: give the test sets' files")
+  return {name: zero_shot.resolve_files(name, sources[name])
+          for name in zero_shot.CORPORA if name in sources}
+
+
+def _zero_shot(cfg, workdir):
+  """Zero-shot perplexities of a token-level model on local copies of the paper's test sets."""
+  import jax
+
+  from md4 import evaluate
+  from md4.data import documents, pipeline, tokenizers
+  from md4.data import zero_shot as zs
+
+  if _SPLIT.value:
+    raise app.UsageError("--split does not apply to --zero_shot: each test set is scored whole")
+  sources = _zero_shot_sources()
+  if _TOKENIZER.value:
+    tokenizer, where = tokenizers.get_tokenizer(_TOKENIZER.value), "--tokenizer"
+  elif cfg.data.dataset in ("openwebtext", "fineweb_edu"):
+    tokenizer = documents.prepared_tokenizer(cfg.data.data_dir, cfg.data.dataset)
+    where = f"the one {cfg.data.dataset} was prepared with"
+    if tokenizer is None:
+      tokenizer, where = tokenizers.get_tokenizer("gpt2"), f"{cfg.data.dataset} is not prepared in "
+      where += f"data.data_dir={cfg.data.data_dir!r}, so GPT-2's"
+  else:
+    raise ValueError(f"zero-shot perplexity needs a token-level model; dataset "
+                     f"{cfg.data.dataset!r} is not tokenized (give --tokenizer=SPEC if the model "
+                     "reads a tokenizer's ids)")
+  if tokenizer.vocab_size + cfg.model.extra_tokens != cfg.model.vocab_size:
+    raise ValueError(f"the tokenizer ({where}: {tokenizer.name}) has {tokenizer.vocab_size} tokens "
+                     f"but the model reads {cfg.model.vocab_size - cfg.model.extra_tokens}: give "
+                     "the model's own with --tokenizer=SPEC")
+  texts = {name: zs.read_rows(name, files) for name, files in sources.items()}
+  spec = pipeline.DatasetSpec(tokenizer.vocab_size, (cfg.data.seq_length,), "text", "token")
+  setup, state = _restore(cfg, spec, workdir, _STEP.value)
+  params = state.ema_params if cfg.eval.use_ema else state.params
+  evaluator = evaluate.Evaluator(setup.network, cfg, setup.mesh)
+  likelihood = ("the exact likelihood" if cfg.model.objective == "autoregressive" else
+                "the bound (<=)")
+  if jax.process_index() == 0:
+    print(f"step {int(state.step)}, tokenizer {tokenizer.name}, blocks of {cfg.data.seq_length}; "
+          f"each document detokenized, tokenized, followed by EOS; perplexity = exp(total nats / "
+          f"total tokens) of {likelihood}, ± its standard error over blocks\n"
+          f"{evaluate.ZERO_SHOT_HEADER}", flush=True)
+  for name, rows in texts.items():
+    row = evaluate.zero_shot_row(evaluator, params, name, rows, tokenizer, cfg.data.seq_length,
+                                 spec.vocab_size)
+    if jax.process_index() == 0:
+      print(evaluate.zero_shot_line(row), flush=True)
 
 
 def _sample(cfg, workdir):
@@ -121,20 +225,41 @@ def _sample(cfg, workdir):
 
   from md4 import generate, model
 
+  if cfg.model.objective != "diffusion":
+    raise ValueError(f"md4 sample draws from diffusion models; this one is "
+                     f"{cfg.model.objective} (a judge: use it with --judge)")
   if _PROMPT.value is not None and _INFILL.value is not None:
     raise app.UsageError("give --prompt or --infill, not both")
+  if (_SWEEP_METHODS.value or _SWEEP_GRIDS.value) and not _SWEEP_STEPS.value:
+    raise app.UsageError("--sweep_methods and --sweep_grids go with --sweep_steps")
+  conditioned = _PROMPT.value is not None or _INFILL.value is not None
+  if conditioned and (_SWEEP_STEPS.value or _JUDGE.value):
+    raise app.UsageError("--judge and --sweep_steps score unconditional samples, not --prompt or "
+                         "--infill ones (the judge would score the given text too)")
+  try:
+    sweep_steps = [int(n) for n in _SWEEP_STEPS.value or []]
+  except ValueError:
+    raise app.UsageError(f"--sweep_steps takes numbers of steps, got {_SWEEP_STEPS.value}") from None
+  if sweep_steps and _JUDGE.value is None:
+    raise ValueError("--sweep_steps needs --judge=DIR (a GPT-2 directory, or the workdir of an "
+                     "autoregressive model such as configs/judge_demo.py's)")
+  judge = _load_judge()
   setup, dataset, state = _restore_for_inference(cfg, workdir, _STEP.value)
+  if judge is not None:
+    judge.check_samples(dataset.spec)
+  params = state.ema_params if cfg.sample.use_ema else state.params
+  rng = jax.random.key(cfg.train.seed + 3)
   spec, n = dataset.spec, cfg.sample.num_samples
+  labels = generate.default_labels(spec, n, model.is_conditional(cfg))
+  if sweep_steps:
+    return _sweep(cfg, workdir, setup, dataset, state, params, rng, labels, judge, sweep_steps)
   if _PROMPT.value is not None:
     init = generate.prompt_init(spec, _PROMPT.value, n, cfg.model.vocab_size)
   elif _INFILL.value is not None:
     init = generate.infill_init(spec, _INFILL.value, n, cfg.model.vocab_size)
   else:
     init = generate.unconditional_init(spec, n, cfg.model.vocab_size)
-  labels = generate.default_labels(spec, n, model.is_conditional(cfg))
-  params = state.ema_params if cfg.sample.use_ema else state.params
-  result = generate.Sampler(setup.network, cfg)(params, jax.random.key(cfg.train.seed + 3), init,
-                                                labels)
+  result = generate.Sampler(setup.network, cfg)(params, rng, init, labels)
   samples = np.asarray(result.samples)
   if jax.process_index() != 0:  # Every process samples (a collective computation); one writes.
     return
@@ -144,6 +269,46 @@ def _sample(cfg, workdir):
   if spec.kind == "text":
     for s in samples:
       print(repr(dataset.decode(s)))
+  if judge is not None:
+    from md4 import judge as judge_lib
+    score = judge.score([dataset.decode(s) for s in samples])
+    print(f"judge: {judge.description}\n{_GEN_PPL_DEFINITION}\ngenerative perplexity "
+          f"{score.perplexity:.4g} over {score.num_tokens} judge tokens; unigram entropy "
+          f"{judge_lib.unigram_entropy(samples):.4g} nats (mean over samples)")
+
+
+_GEN_PPL_DEFINITION = (
+    "generative perplexity = exp(total NLL / total judge tokens) over all samples: each sample "
+    "decoded to text (cut at end-of-text tokens), retokenised by the judge, read after the judge's "
+    "start token, with float32 matrix products")
+
+
+def _load_judge():
+  if not _JUDGE.value:
+    return None
+  from md4 import judge as judge_lib
+  return judge_lib.load_judge(_JUDGE.value)
+
+
+def _sweep(cfg, workdir, setup, dataset, state, params, rng, labels, judge, steps):
+  import jax
+
+  from md4 import sampling, sweep
+  methods = _SWEEP_METHODS.value or [m for m in sampling.METHODS
+                                     if not (cfg.model.state_dependent and m == "first_hitting")]
+  rows = sweep.run(setup.network, cfg, params, dataset, judge, steps, methods,
+                   _SWEEP_GRIDS.value or [cfg.sample.time_grid], rng, labels)
+  if jax.process_index() != 0:
+    return
+  stem = _OUTPUT.value or os.path.join(workdir, "samples", f"sweep_step_{int(state.step)}")
+  os.makedirs(os.path.dirname(stem) or ".", exist_ok=True)
+  title = (f"{workdir} step {int(state.step)}: {cfg.sample.num_samples} samples per point; "
+           f"{judge.description}")
+  report = f"{title}\n{_GEN_PPL_DEFINITION}\n\n{sweep.table(rows)}\n"
+  with open(stem + ".md", "w") as f:
+    f.write(report)
+  sweep.plot(rows, stem + ".png", title)
+  print(report + f"-> {stem}.md, {stem}.png")
 
 
 def _info(cfg, workdir):

@@ -1,21 +1,25 @@
-"""Glue between a network and the diffusion math: parameters, the schedule, the denoiser callable.
+"""Glue between a network and the math: parameters, the schedule, the denoiser, the objective.
 
 The network knows nothing of diffusion and the math knows nothing of Flax; they meet here, through
 denoise_fn(z_t, t) -> logits. Parameters are {"net": network params} plus, for GenMD4,
 {"schedule": {"raw_power": float32[V]}} with w = softplus(raw_power) > 0.
+
+model.objective picks what a model is trained and evaluated on (`OBJECTIVES`): "diffusion" (MD4,
+GenMD4: the bound of md4/elbo.py) or "autoregressive" (a causal transformer's exact likelihood,
+md4/autoregressive.py: the judges that score samples).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from md4 import networks, schedules
+from md4 import autoregressive, elbo, networks, schedules
 from md4.config import Config, ModelConfig
 from md4.data.pipeline import DatasetSpec
 
@@ -94,3 +98,47 @@ def denoiser(network: nn.Module, params: Params, cond: jax.Array | None = None, 
     return network.apply({"params": params["net"]}, z, t, cond=c, train=train, rngs=rngs)
 
   return denoise_fn
+
+
+def _diffusion_training(cfg: Config, network, params, x, keys, times, label, dropout_rng):
+  return elbo.training_loss(denoiser(network, params, label, dropout_rng=dropout_rng), x, keys,
+                            make_schedule(cfg.model, params), vocab_size=cfg.model.vocab_size,
+                            times=times, network_masks=cfg.model.network_masks)
+
+
+def _diffusion_eval(cfg: Config, network, params, x, keys, label):
+  return elbo.nelbo(denoiser(network, params, label), x, keys, make_schedule(cfg.model, params),
+                    vocab_size=cfg.model.vocab_size, num_samples=cfg.eval.num_time_samples,
+                    timesteps=cfg.eval.timesteps or None)
+
+
+def _autoregressive(cfg: Config, network, params, x, label, dropout_rng):
+  train = dropout_rng is not None
+  rngs = {"dropout": dropout_rng} if train else {}
+  zeros = jnp.zeros(x.shape[:1], jnp.float32)  # A causal model takes no diffusion time.
+  logits_fn = lambda inputs: network.apply({"params": params["net"]}, inputs, zeros, cond=label,
+                                           train=train, rngs=rngs)
+  return autoregressive.nll(logits_fn, x, bos=cfg.model.vocab_size)
+
+
+def _autoregressive_training(cfg: Config, network, params, x, keys, times, label, dropout_rng):
+  del keys, times  # The likelihood is exact: nothing is drawn.
+  return _autoregressive(cfg, network, params, x, label, dropout_rng)
+
+
+def _autoregressive_eval(cfg: Config, network, params, x, keys, label):
+  del keys
+  return _autoregressive(cfg, network, params, x, label, None)
+
+
+class Objective(NamedTuple):
+  """Per-example nats: `training` (a surrogate whose gradient is unbiased for the loss; dropout
+  on iff dropout_rng) and `eval` (the reported number: the bound, or the exact likelihood)."""
+  training: Callable[..., jax.Array]  # (cfg, network, params, x, keys, times, label, dropout_rng)
+  eval: Callable[..., jax.Array]  # (cfg, network, params, x, keys, label)
+
+
+OBJECTIVES: dict[str, Objective] = {
+    "diffusion": Objective(_diffusion_training, _diffusion_eval),
+    "autoregressive": Objective(_autoregressive_training, _autoregressive_eval),
+}

@@ -104,10 +104,8 @@ def init_state(setup: Setup, rng: jax.Array) -> TrainState:
 def _microbatch_loss(params, x, label, keys, times, dropout_rng, *, setup: Setup):
   cfg = setup.cfg
   dropout = dropout_rng if cfg.model.net.get("dropout_rate", 0.0) > 0 else None
-  denoise_fn = model.denoiser(setup.network, params, label, dropout_rng=dropout)
-  losses = elbo.training_loss(denoise_fn, x, keys, model.make_schedule(cfg.model, params),
-                              vocab_size=cfg.model.vocab_size, times=times,
-                              network_masks=cfg.model.network_masks)
+  losses = model.OBJECTIVES[cfg.model.objective].training(cfg, setup.network, params, x, keys,
+                                                          times, label, dropout)
   return losses.mean() / setup.spec.tokens_per_example  # nats per token
 
 
@@ -205,8 +203,11 @@ class Checkpointer:
   def check_compatible(self, step: int) -> None:
     meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     ours = json.loads(json.dumps(config_lib.state_fingerprint(self.cfg)))
-    diffs = [f"{k}: checkpoint has {meta['fingerprint'].get(k)!r}, config has {v!r}"
-             for k, v in ours.items() if meta["fingerprint"].get(k) != v]
+    # A key added to the fingerprint after a checkpoint was written meant its default then.
+    defaults = json.loads(json.dumps(config_lib.state_fingerprint(Config())))
+    theirs = {k: meta["fingerprint"].get(k, defaults[k]) for k in ours}
+    diffs = [f"{k}: checkpoint has {theirs[k]!r}, config has {v!r}"
+             for k, v in ours.items() if theirs[k] != v]
     if diffs:
       raise ValueError(f"the checkpoint at step {step} in {self.directory} belongs to another model "
                        "config; refusing to restore it:\n  " + "\n  ".join(diffs))
@@ -224,6 +225,22 @@ class Checkpointer:
     out = self.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
     return out["state"], out["data"]
+
+
+def read_checkpoint_config(workdir: str, step: int | None = None) -> Config:
+  """The config a checkpoint in workdir was written with (its own record), for readers that know
+  only the workdir, such as a judge. step: default the latest."""
+  directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+  if not os.path.isdir(directory):
+    raise ValueError(f"no checkpoint in {directory}")
+  options = ocp.CheckpointManagerOptions(read_only=True, create=False)
+  with ocp.CheckpointManager(directory, options=options,
+                             item_names=("state", "data", "meta")) as manager:
+    step = manager.latest_step() if step is None else step
+    if step is None:
+      raise ValueError(f"no checkpoint in {directory}")
+    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+  return config_lib.from_configdict(meta["config"])
 
 
 def abstract_state(setup: Setup) -> TrainState:

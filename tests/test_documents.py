@@ -306,7 +306,7 @@ def test_preparing_again_replaces_the_dataset(corpus, tmp_path):
 
 def test_unknown_tokenizer_lists_valid_forms():
   with pytest.raises(ValueError, match=r"unknown tokenizer 'bpe'; valid forms: \"gpt2\", "
-                                       r"\"sentencepiece:PATH\""):
+                                       r"\"bpe:DIR\" .*, \"sentencepiece:PATH\""):
     tokenizers.get_tokenizer("bpe")
 
 

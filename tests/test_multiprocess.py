@@ -128,7 +128,8 @@ def test_two_processes_stopped_and_resumed_match_one_process(tmp_path):
 
   # Evaluation and sampling from the checkpoint: computed by both, reported and written by one.
   _finish(_start(workdir, 2, [], logs, "eval"), logs)
-  match = re.search(r"^step 6, split valid: ([0-9.]+) ", _output(logs, 0), re.MULTILINE)
+  match = re.search(r"^step 6, split valid, continuous-time bound, 1 time sample\(s\) per "
+                    r"example: ([0-9.]+) ", _output(logs, 0), re.MULTILINE)
   assert match, _output(logs, 0)[-3000:]
   np.testing.assert_allclose(float(match.group(1)), single.eval.bits_per_token, atol=1e-4)
   assert "split valid" not in _output(logs, 1)

@@ -152,7 +152,8 @@ def test_cli_train_sample_and_eval(tmp_path):
   out = subprocess.run(MD4 + ["eval"] + common + ["--checkpoint_step=3"], capture_output=True,
                        text=True, env=env, cwd=ROOT, timeout=300)
   assert out.returncode == 0, out.stderr
-  assert out.stdout.startswith("step 3, split valid:")
+  assert out.stdout.startswith("step 3, split valid, continuous-time bound, 1 time sample(s) per "
+                                "example: ")
   out = subprocess.run(MD4 + ["train"] + common + ["--config.train.nonsense=1"],
                        capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
   assert out.returncode != 0 and "unknown config key 'nonsense'" in out.stderr

@@ -100,26 +100,28 @@ def list_files(inputs: Sequence[str]) -> list[str]:
   return sorted(files)
 
 
-def _read_parquet(path: str) -> Iterator[str]:
+def read_parquet_field(path: str, field: str = "text") -> Iterator[str]:
+  """The string column `field` of a parquet file, row by row (read by record batch)."""
   import pyarrow as pa  # pylint: disable=g-import-not-at-top
   import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
   pf = pq.ParquetFile(path)
   names = pf.schema_arrow.names
-  if "text" not in names:
-    raise ValueError(f"{path}: a parquet file without a 'text' column (columns: {names})")
-  field = pf.schema_arrow.field("text")
-  if not (pa.types.is_string(field.type) or pa.types.is_large_string(field.type)):
-    raise ValueError(f"{path}: column 'text' has type {field.type}, expected a string")
+  if field not in names:
+    raise ValueError(f"{path}: a parquet file without a {field!r} column (columns: {names})")
+  column = pf.schema_arrow.field(field)
+  if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+    raise ValueError(f"{path}: column {field!r} has type {column.type}, expected a string")
   row = 0
-  for batch in pf.iter_batches(batch_size=_PARQUET_BATCH, columns=["text"]):
+  for batch in pf.iter_batches(batch_size=_PARQUET_BATCH, columns=[field]):
     for text in batch.column(0).to_pylist():
       if text is None:
-        raise ValueError(f"{path}: row {row} has a null 'text'")
+        raise ValueError(f"{path}: row {row} has a null {field!r}")
       row += 1
       yield text
 
 
-def _read_jsonl(path: str) -> Iterator[str]:
+def read_jsonl_field(path: str, field: str = "text") -> Iterator[str]:
+  """The string field `field` of each line of a jsonl (or jsonl.gz) file; blank lines skipped."""
   opener = gzip.open if path.endswith(".gz") else open
   with opener(path, "rt", encoding="utf-8") as f:
     for line_no, line in enumerate(f, 1):
@@ -129,12 +131,12 @@ def _read_jsonl(path: str) -> Iterator[str]:
         record = json.loads(line)
       except json.JSONDecodeError as e:
         raise ValueError(f"{path}:{line_no}: not a JSON line ({e})") from e
-      if not isinstance(record, dict) or "text" not in record:
-        raise ValueError(f"{path}:{line_no}: a jsonl line without a 'text' field")
-      if not isinstance(record["text"], str):
-        raise ValueError(f"{path}:{line_no}: 'text' is a {type(record['text']).__name__}, "
+      if not isinstance(record, dict) or field not in record:
+        raise ValueError(f"{path}:{line_no}: a jsonl line without a {field!r} field")
+      if not isinstance(record[field], str):
+        raise ValueError(f"{path}:{line_no}: {field!r} is a {type(record[field]).__name__}, "
                          f"expected a string")
-      yield record["text"]
+      yield record[field]
 
 
 def _read_txt(path: str) -> Iterator[str]:
@@ -142,8 +144,8 @@ def _read_txt(path: str) -> Iterator[str]:
     yield f.read()
 
 
-_READERS = {".parquet": _read_parquet, ".jsonl": _read_jsonl, ".jsonl.gz": _read_jsonl,
-            ".txt": _read_txt}
+_READERS = {".parquet": read_parquet_field, ".jsonl": read_jsonl_field,
+            ".jsonl.gz": read_jsonl_field, ".txt": _read_txt}
 
 
 def read_documents(files: Sequence[str]) -> Iterator[str]:
@@ -252,7 +254,8 @@ def prepare_documents(name: str, inputs: Sequence[str], data_dir: str, *, tokeni
     name: the dataset's directory name, e.g. "openwebtext" or "fineweb_edu".
     inputs: files, directories or glob patterns of .parquet / .jsonl / .jsonl.gz / .txt files.
     data_dir: the directory that holds prepared datasets.
-    tokenizer: a `tokenizers.get_tokenizer` spec: "gpt2" or "sentencepiece:PATH".
+    tokenizer: a `tokenizers.get_tokenizer` spec: "gpt2", "bpe:DIR" (its absolute path is recorded,
+      not a copy of its files) or "sentencepiece:PATH" (copied beside the data).
     seq_length: tokens per block (= per training example).
     heldout_fraction: expected fraction of documents in the "valid" split, in [0, 1).
     seed: the held-out split's hash key, a non-negative integer < 2^64.
@@ -360,6 +363,23 @@ def _epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
   return np.random.default_rng([seed, epoch]).permutation(n)
 
 
+def _meta_tokenizer(meta: dict, directory: str) -> tokenizers.Tokenizer:
+  if "tokenizer_file" in meta:  # A SentencePiece model copied beside the data.
+    return tokenizers.get_tokenizer("sentencepiece:" + os.path.join(directory,
+                                                                    meta["tokenizer_file"]))
+  return tokenizers.get_tokenizer(meta["tokenizer"])
+
+
+def prepared_tokenizer(data_dir: str, name: str) -> tokenizers.Tokenizer | None:
+  """The tokenizer dataset `name` was prepared with in data_dir, or None if it is not prepared."""
+  directory = os.path.join(data_dir, name)
+  meta_path = os.path.join(directory, "meta.json")
+  if not data_dir or not os.path.isfile(meta_path):
+    return None
+  with open(meta_path) as f:
+    return _meta_tokenizer(json.load(f), directory)
+
+
 class PackedBlocks(pipeline.Dataset):
   """Blocks written by `prepare_documents`, read by random access through grain.
 
@@ -391,10 +411,7 @@ class PackedBlocks(pipeline.Dataset):
                        f"change the config or prepare it again")
     self.seq_length = seq_length
     self.dtype = np.dtype(self.meta["dtype"]).newbyteorder("<")
-    spec = self.meta["tokenizer"]
-    if "tokenizer_file" in self.meta:
-      spec = "sentencepiece:" + os.path.join(self.directory, self.meta["tokenizer_file"])
-    self.tokenizer = tokenizers.get_tokenizer(spec)
+    self.tokenizer = _meta_tokenizer(self.meta, self.directory)
     self.spec = pipeline.DatasetSpec(self.meta["vocab_size"], (seq_length,), "text", "token")
     self._sources = {}
     for split in SPLITS:

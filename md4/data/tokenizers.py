@@ -7,6 +7,9 @@ cheaply and can be sent to grain's worker processes.
 Specs accepted by `get_tokenizer`:
   "gpt2"                 GPT-2's BPE (tiktoken's "gpt2" encoding): vocab 50257,
                          EOS "<|endoftext|>" = 50256.
+  "bpe:DIR"              a GPT-2-style byte-level BPE from local files: DIR holds a Hugging Face
+                         tokenizer's vocab.json and merges.txt (GPT-2's own give the "gpt2"
+                         encoding exactly, with no download). EOS "<|endoftext|>".
   "sentencepiece:PATH"   a SentencePiece model file, e.g. one made by `train_sentencepiece`.
 """
 
@@ -16,10 +19,16 @@ import abc
 import dataclasses
 import functools
 import hashlib
+import json
 import os
 from typing import Iterable, Sequence
 
-SPEC_FORMS = ('"gpt2"', '"sentencepiece:PATH" (a SentencePiece .model file)')
+SPEC_FORMS = ('"gpt2"', '"bpe:DIR" (vocab.json and merges.txt of a GPT-2-style tokenizer)',
+              '"sentencepiece:PATH" (a SentencePiece .model file)')
+EOS_TEXT = "<|endoftext|>"
+# GPT-2's pre-tokenisation: contractions, letter runs, digit runs, other symbols (each with one
+# optional leading space), then whitespace.
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
 # The GPT-2 BPE files tiktoken fetches on first use, and where it caches them.
 _GPT2_URLS = (
@@ -112,6 +121,93 @@ class GPT2Tokenizer(Tokenizer):
     return _gpt2_encoding().decode([int(i) for i in ids])
 
 
+def _byte_to_char() -> dict[int, str]:
+  """GPT-2's reversible byte -> printable character map: printable Latin-1 bytes stand for
+  themselves, the other 68 bytes for chr(256), chr(257), ... in byte order."""
+  keep = [b for b in range(256) if chr(b).isprintable() and chr(b) != " "]
+  others = [b for b in range(256) if b not in keep]
+  table = {b: chr(b) for b in keep}
+  table.update({b: chr(256 + n) for n, b in enumerate(others)})
+  return table
+
+
+@functools.lru_cache(maxsize=4)
+def _bpe_encoding(directory: str):
+  """A tiktoken Encoding from a Hugging Face byte-level BPE's vocab.json and merges.txt."""
+  import tiktoken  # pylint: disable=g-import-not-at-top
+  paths = {n: os.path.join(directory, n) for n in ("vocab.json", "merges.txt")}
+  missing = [p for p in paths.values() if not os.path.isfile(p)]
+  if missing:
+    raise ValueError(f"tokenizer directory {directory!r} lacks {', '.join(missing)} (a GPT-2-style "
+                     "byte-level BPE: vocab.json and merges.txt, as Hugging Face writes them)")
+  try:
+    with open(paths["vocab.json"], encoding="utf-8") as f:
+      vocab = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ValueError(f"{paths['vocab.json']} is not a JSON object of token -> id ({e})") from e
+  if not isinstance(vocab, dict) or EOS_TEXT not in vocab:
+    raise ValueError(f"{paths['vocab.json']} must map tokens to ids and hold {EOS_TEXT!r}")
+  char_to_byte = {c: b for b, c in _byte_to_char().items()}
+  ranks = {}
+  for token, index in vocab.items():
+    if token == EOS_TEXT:
+      continue
+    try:
+      ranks[bytes(char_to_byte[c] for c in token)] = index
+    except KeyError as e:
+      raise ValueError(f"{paths['vocab.json']}: token {token!r} is not in GPT-2's byte alphabet "
+                       "(not a byte-level BPE vocabulary)") from e
+  missing_bytes = [b for b in range(256) if bytes([b]) not in ranks]
+  if missing_bytes:
+    raise ValueError(f"{paths['vocab.json']} lacks single-byte tokens (e.g. byte {missing_bytes[0]}): "
+                     "not a byte-level BPE vocabulary")
+  with open(paths["merges.txt"], encoding="utf-8") as f:
+    merges = [line.split() for line in f.read().split("\n")
+              if line.strip() and not line.startswith("#version")]
+  previous = -1
+  for n, pair in enumerate(merges, 1):
+    merged = "".join(pair)
+    if len(pair) != 2 or merged not in vocab:
+      raise ValueError(f"{paths['merges.txt']} line {n} ({' '.join(pair)!r}) is not a merge of two "
+                       "tokens whose result vocab.json holds")
+    # tiktoken merges by id, so ids must follow the order of the merges (true of GPT-2's files).
+    if vocab[merged] <= previous:
+      raise ValueError(f"{paths['merges.txt']} line {n}: vocab.json ids do not follow the merge "
+                       "order, which this tokenizer needs")
+    previous = vocab[merged]
+  return tiktoken.Encoding(name=f"bpe:{directory}", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
+                           special_tokens={EOS_TEXT: vocab[EOS_TEXT]})
+
+
+@dataclasses.dataclass(frozen=True)
+class BPETokenizer(Tokenizer):
+  """A GPT-2-style byte-level BPE read from a local directory (vocab.json, merges.txt)."""
+
+  directory: str
+
+  @property
+  def name(self) -> str:
+    return f"bpe:{self.directory}"
+
+  @property
+  def vocab_size(self) -> int:
+    return _bpe_encoding(self.directory).n_vocab
+
+  @property
+  def eos_id(self) -> int:
+    return _bpe_encoding(self.directory).eot_token
+
+  def encode(self, text):
+    return _bpe_encoding(self.directory).encode_ordinary(text)
+
+  def encode_batch(self, texts):
+    return _bpe_encoding(self.directory).encode_ordinary_batch(list(texts),
+                                                                num_threads=_NUM_THREADS)
+
+  def decode(self, ids):
+    return _bpe_encoding(self.directory).decode([int(i) for i in ids])
+
+
 @functools.lru_cache(maxsize=4)
 def _sentencepiece_processor(path: str):
   import sentencepiece as spm  # pylint: disable=g-import-not-at-top
@@ -156,13 +252,15 @@ class SentencePieceTokenizer(Tokenizer):
 
 
 def get_tokenizer(spec: str) -> Tokenizer:
-  """The tokenizer named by `spec`: "gpt2" or "sentencepiece:PATH". Loads nothing yet.
+  """The tokenizer named by `spec` (see the module docstring). Loads nothing yet.
 
   Raises:
     ValueError: for any other spec, listing the valid forms.
   """
   if spec == "gpt2":
     return GPT2Tokenizer()
+  if isinstance(spec, str) and spec.startswith("bpe:") and len(spec) > len("bpe:"):
+    return BPETokenizer(os.path.abspath(spec[len("bpe:"):]))
   prefix = "sentencepiece:"
   if isinstance(spec, str) and spec.startswith(prefix) and len(spec) > len(prefix):
     return SentencePieceTokenizer(spec[len(prefix):])

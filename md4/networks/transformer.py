@@ -266,6 +266,7 @@ class BlockSpec:
     attention_dropout: dropout on the attention probabilities.
     dtype: compute dtype; the residual stream stays float32.
     attention_impl: see SelfAttention.
+    causal: causal attention (an autoregressive model).
   """
 
   num_heads: int
@@ -282,10 +283,11 @@ class BlockSpec:
   attention_dropout: bool = True
   dtype: Any = jnp.float32
   attention_impl: str | None = None
+  causal: bool = False
 
 
 class SelfAttention(nn.Module):
-  """Non-causal multi-head self-attention.
+  """Multi-head self-attention, bidirectional unless `causal`.
 
   Goes through jax.nn.dot_product_attention, so a config can switch to cuDNN's fused flash-attention
   kernel on NVIDIA GPUs (attention_impl="cudnn"); when dropout on the attention probabilities is
@@ -301,6 +303,7 @@ class SelfAttention(nn.Module):
     dtype: compute dtype.
     attention_impl: dot_product_attention's `implementation`: None or "xla" (portable),
       "cudnn" (NVIDIA GPUs, bf16/fp16 only).
+    causal: each position attends only to itself and earlier ones.
   """
 
   num_heads: int
@@ -310,6 +313,7 @@ class SelfAttention(nn.Module):
   deterministic: bool = True
   dtype: Any = jnp.float32
   attention_impl: str | None = None
+  causal: bool = False
 
   @nn.compact
   def __call__(self, x: Array, angles: Array | None = None) -> Array:
@@ -325,11 +329,14 @@ class SelfAttention(nn.Module):
       q, k = apply_rope(q, angles, self.rope_layout), apply_rope(k, angles, self.rope_layout)
     if self.dropout_rate > 0 and not self.deterministic:
       scores = jnp.einsum("bqnh,bknh->bnqk", q, k) / math.sqrt(head_dim)
+      if self.causal:
+        length = x.shape[1]
+        scores = jnp.where(jnp.tril(jnp.ones((length, length), bool)), scores, -jnp.inf)
       probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1)
       probs = nn.Dropout(self.dropout_rate, deterministic=False)(probs)
       out = jnp.einsum("bnqk,bknh->bqnh", probs.astype(v.dtype), v)
     else:
-      out = jax.nn.dot_product_attention(q, k, v, is_causal=False,
+      out = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal,
                                          implementation=self.attention_impl)
     return nn.DenseGeneral(d, axis=(-2, -1), use_bias=False, dtype=self.dtype, name="out")(out)
 
@@ -414,7 +421,7 @@ class TransformerBlock(nn.Module):
       h = modulate(h, shift_a, scale_a)
     h = SelfAttention(s.num_heads, s.qkv_bias, s.rope or "interleaved",
                       rate if s.attention_dropout else 0.0, self.deterministic, s.dtype,
-                      s.attention_impl, name="attn")(h, angles if s.rope else None)
+                      s.attention_impl, s.causal, name="attn")(h, angles if s.rope else None)
     h = branch_dropout(rate, s.dropout, self.deterministic)(h)
     x = x + (gate_a * h if conditioned else h).astype(jnp.float32)
 
@@ -516,6 +523,8 @@ class TransformerConfig:
     rope_base: RoPE wavelength base.
     attention_impl: jax.nn.dot_product_attention implementation: None or "xla" (portable),
       "cudnn" (fused flash attention on NVIDIA GPUs; needs bf16/fp16 dtype).
+    causal: causal attention, for an autoregressive model (model.objective="autoregressive"),
+      such as the demo's judge of sample quality; the diffusion models are bidirectional.
   """
 
   vocab_size: int
@@ -544,6 +553,7 @@ class TransformerConfig:
   remat: bool = False
   rope_base: float = 10_000.0
   attention_impl: str | None = None
+  causal: bool = False
 
   def __post_init__(self):
     check_positive(vocab_size=self.vocab_size, num_heads=self.num_heads, d_model=self.d_model,
@@ -583,11 +593,12 @@ class TransformerConfig:
         mlp_init_scale=2.0 / max(self.num_layers, 1) if self.depth_scaled_init else 1.0,
         dropout_rate=self.dropout_rate, dropout=self.dropout,
         attention_dropout=self.attention_dropout, dtype=self.dtype,
-        attention_impl=self.attention_impl)
+        attention_impl=self.attention_impl, causal=self.causal)
 
 
 class Transformer(nn.Module):
-  """Bidirectional transformer over a token sequence; returns logits of the clean tokens.
+  """Transformer over a token sequence: bidirectional, it returns logits of the clean tokens (the
+  diffusion denoiser); causal (config.causal), logits of each next token.
 
   Attributes:
     config: the TransformerConfig.
