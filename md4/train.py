@@ -201,7 +201,7 @@ class Checkpointer:
     self.manager.wait_until_finished()
 
   def check_compatible(self, step: int) -> None:
-    meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    meta = _read_meta(self.manager, step)
     ours = json.loads(json.dumps(config_lib.state_fingerprint(self.cfg)))
     # A key added to the fingerprint after a checkpoint was written meant its default then.
     defaults = json.loads(json.dumps(config_lib.state_fingerprint(Config())))
@@ -239,8 +239,13 @@ def read_checkpoint_config(workdir: str, step: int | None = None) -> Config:
     step = manager.latest_step() if step is None else step
     if step is None:
       raise ValueError(f"no checkpoint in {directory}")
-    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    meta = _read_meta(manager, step)
   return config_lib.from_configdict(meta["config"])
+
+
+def _read_meta(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
+  """The JSON record a checkpoint keeps beside the state: its fingerprint and config."""
+  return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
 
 def abstract_state(setup: Setup) -> TrainState:

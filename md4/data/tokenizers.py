@@ -94,14 +94,41 @@ def _gpt2_encoding():
         f"TIKTOKEN_CACHE_DIR=DIR.") from e
 
 
+class _TiktokenTokenizer(Tokenizer):
+  """A byte-level BPE run by tiktoken (lossless on any text); subclasses say which encoding."""
+
+  @abc.abstractmethod
+  def _encoding(self):
+    """The tiktoken Encoding, loaded once per process."""
+
+  @property
+  def vocab_size(self) -> int:
+    return self._encoding().n_vocab
+
+  @property
+  def eos_id(self) -> int:
+    return self._encoding().eot_token
+
+  def encode(self, text):
+    # encode_ordinary: a literal "<|endoftext|>" inside a web page is text, not a document break.
+    return self._encoding().encode_ordinary(text)
+
+  def encode_batch(self, texts):
+    return self._encoding().encode_ordinary_batch(list(texts), num_threads=_NUM_THREADS)
+
+  def decode(self, ids):
+    return self._encoding().decode([int(i) for i in ids])
+
+
 @dataclasses.dataclass(frozen=True)
-class GPT2Tokenizer(Tokenizer):
-  """GPT-2's byte-level BPE through tiktoken (lossless on any text)."""
+class GPT2Tokenizer(_TiktokenTokenizer):
+  """GPT-2's byte-level BPE through tiktoken's "gpt2" encoding."""
 
   @property
   def name(self) -> str:
     return "gpt2"
 
+  # Known without the BPE file, so specs can be checked offline.
   @property
   def vocab_size(self) -> int:
     return 50257
@@ -110,15 +137,8 @@ class GPT2Tokenizer(Tokenizer):
   def eos_id(self) -> int:
     return 50256
 
-  def encode(self, text):
-    # encode_ordinary: a literal "<|endoftext|>" inside a web page is text, not a document break.
-    return _gpt2_encoding().encode_ordinary(text)
-
-  def encode_batch(self, texts):
-    return _gpt2_encoding().encode_ordinary_batch(list(texts), num_threads=_NUM_THREADS)
-
-  def decode(self, ids):
-    return _gpt2_encoding().decode([int(i) for i in ids])
+  def _encoding(self):
+    return _gpt2_encoding()
 
 
 def _byte_to_char() -> dict[int, str]:
@@ -180,7 +200,7 @@ def _bpe_encoding(directory: str):
 
 
 @dataclasses.dataclass(frozen=True)
-class BPETokenizer(Tokenizer):
+class BPETokenizer(_TiktokenTokenizer):
   """A GPT-2-style byte-level BPE read from a local directory (vocab.json, merges.txt)."""
 
   directory: str
@@ -189,23 +209,8 @@ class BPETokenizer(Tokenizer):
   def name(self) -> str:
     return f"bpe:{self.directory}"
 
-  @property
-  def vocab_size(self) -> int:
-    return _bpe_encoding(self.directory).n_vocab
-
-  @property
-  def eos_id(self) -> int:
-    return _bpe_encoding(self.directory).eot_token
-
-  def encode(self, text):
-    return _bpe_encoding(self.directory).encode_ordinary(text)
-
-  def encode_batch(self, texts):
-    return _bpe_encoding(self.directory).encode_ordinary_batch(list(texts),
-                                                                num_threads=_NUM_THREADS)
-
-  def decode(self, ids):
-    return _bpe_encoding(self.directory).decode([int(i) for i in ids])
+  def _encoding(self):
+    return _bpe_encoding(self.directory)
 
 
 @functools.lru_cache(maxsize=4)
