@@ -30,7 +30,11 @@ setup(
     version="0.1.0",
     description=__doc__,
     python_requires=">=3.11",
-    packages=find_packages(include=["md4", "md4.*"]),
+    # The config files ship inside the package as md4.configs, so a regular (non-editable) install
+    # finds them from any working directory (md4/main.py); in a checkout they stay in configs/.
+    packages=find_packages(include=["md4", "md4.*"]) + [
+        "md4.configs", "md4.configs.md4", "md4.configs.genmd4"],
+    package_dir={"md4.configs": "configs"},
     package_data={"md4.data": ["demo/*.xz", "demo/*.npz"]},
     install_requires=INSTALL_REQUIRES,
     extras_require={

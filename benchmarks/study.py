@@ -34,7 +34,6 @@ from absl import app, flags, logging
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import jax  # noqa: E402  (after the path set-up, like the configs)
 import numpy as np  # noqa: E402
 
 from configs import demo  # noqa: E402
@@ -42,6 +41,7 @@ from md4 import config as config_lib  # noqa: E402
 from md4 import generate, judge as judge_lib, train  # noqa: E402
 from md4.data import pipeline  # noqa: E402
 from md4.metric_writer import read_metrics  # noqa: E402
+from md4.state import inference_params, stream_key  # noqa: E402
 
 # name -> changes to the demo config: the schedule, nothing else.
 VARIANTS = {
@@ -99,9 +99,10 @@ def run_one(variant: str, seed: int, steps: int, eval_every: int, num_samples: i
   curve.append((steps, result.eval.bits_per_token))
   dataset = pipeline.load(cfg.data)
   cfg = dataclasses.replace(cfg, sample=dataclasses.replace(cfg.sample, num_samples=num_samples))
-  init = generate.unconditional_init(dataset.spec, num_samples, cfg.model.vocab_size)
-  samples = np.asarray(generate.Sampler(train.make_setup(cfg, dataset.spec).network, cfg)(
-      result.state.ema_params, jax.random.key(seed), init).samples)
+  sampler = generate.Sampler(train.make_setup(cfg, dataset.spec).network, cfg)
+  samples = generate.draw(sampler, inference_params(result.state, cfg, "sample"),
+                          stream_key(seed, "sample"), dataset, cfg,
+                          os.path.join(workdir, "samples", "study")).samples
   perplexity = None
   if judge is not None:
     perplexity = judge.score([dataset.decode(s) for s in samples]).perplexity

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import typing
 from typing import Any, Mapping
 
@@ -146,36 +147,81 @@ def from_configdict(config: ml_collections.ConfigDict | Mapping[str, Any]) -> Co
   return cfg
 
 
+# Every numeric field's valid values: (key, test, the valid values in words). Checked before
+# anything runs, so a typo fails at once rather than at the first hook that reads it.
+_RANGES: tuple[tuple[str, Any, str], ...] = (
+    ("data.seq_length", lambda v: v >= 1, ">= 1"),
+    ("data.num_workers", lambda v: v >= 0, ">= 0"),
+    ("model.vocab_size", lambda v: v >= 2, ">= 2"),
+    ("model.extra_tokens", lambda v: v >= 0, ">= 0"),
+    ("model.eps", lambda v: 0.0 <= v < 0.5, "in [0, 0.5)"),
+    ("model.power_init", lambda v: v > 0.0 and math.isfinite(v), "> 0 (GenMD4's w_v = softplus(raw) > 0)"),
+    ("model.network_masks", lambda v: v in (1, 2), "1 or 2"),
+    ("optimizer.lr", lambda v: v >= 0.0 and math.isfinite(v), ">= 0"),
+    ("optimizer.warmup_steps", lambda v: v >= 0, ">= 0"),
+    ("optimizer.min_lr_ratio", lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),
+    ("optimizer.b1", lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+    ("optimizer.b2", lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+    ("optimizer.adam_eps", lambda v: v > 0.0, "> 0"),
+    ("optimizer.weight_decay", lambda v: v >= 0.0 and math.isfinite(v), ">= 0"),
+    ("optimizer.grad_clip_norm", lambda v: v >= 0.0, ">= 0 (0 turns clipping off)"),
+    ("optimizer.ema_decay", lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),
+    ("train.batch_size", lambda v: v >= 1, ">= 1"),
+    ("train.num_steps", lambda v: v >= 1, ">= 1"),
+    ("train.grad_accum_steps", lambda v: v >= 1, ">= 1"),
+    ("train.mesh_fsdp", lambda v: v >= 1, ">= 1"),
+    ("train.log_every", lambda v: v >= 1, ">= 1"),
+    ("train.eval_every", lambda v: v >= 0, ">= 0 (0: no periodic evaluation)"),
+    ("train.eval_batches", lambda v: v >= 1, ">= 1"),
+    ("train.sample_every", lambda v: v >= 0, ">= 0 (0: no periodic samples)"),
+    ("train.checkpoint_every", lambda v: v >= 1, ">= 1"),
+    ("train.keep_checkpoints", lambda v: v >= 1, ">= 1"),
+    ("eval.batch_size", lambda v: v >= 1, ">= 1"),
+    ("eval.num_time_samples", lambda v: v >= 1, ">= 1"),
+    ("eval.timesteps", lambda v: v >= 0, ">= 0 (0: the continuous-time bound)"),
+    ("eval.max_examples", lambda v: v >= 0, ">= 0 (0: the whole split)"),
+    ("sample.num_samples", lambda v: v >= 1, ">= 1"),
+    ("sample.num_steps", lambda v: v >= 1, ">= 1"),
+    ("sample.top_p", lambda v: 0.0 < v <= 1.0, "in (0, 1] (1: no nucleus filtering)"),
+)
+
+# String fields with a fixed set of values, checked here; registries that live in other modules
+# (datasets, networks, schedules, samplers) are checked by md4.checks.check_config.
+_CHOICES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("model.objective", ("diffusion", "autoregressive")),
+    ("optimizer.decay", ("cosine", "constant")),
+    ("train.compute_dtype", ("float32", "bfloat16")),
+)
+
+
+def get(cfg: Config, key: str) -> Any:
+  """The value of a dotted key, e.g. get(cfg, "train.batch_size")."""
+  group, name = key.split(".")
+  return getattr(getattr(cfg, group), name)
+
+
 def validate(cfg: Config) -> None:
-  """Checks the values that the dataclasses' types cannot."""
-  checks = [
-      (cfg.train.batch_size > 0, f"train.batch_size must be positive, got {cfg.train.batch_size}"),
-      (cfg.train.grad_accum_steps > 0 and cfg.train.batch_size % cfg.train.grad_accum_steps == 0,
-       f"train.batch_size ({cfg.train.batch_size}) must be a multiple of train.grad_accum_steps "
-       f"({cfg.train.grad_accum_steps})"),
-      (cfg.train.compute_dtype in ("float32", "bfloat16"),
-       f"train.compute_dtype must be 'float32' or 'bfloat16', got {cfg.train.compute_dtype!r}"),
-      (cfg.model.extra_tokens >= 0,
-       f"model.extra_tokens must be >= 0, got {cfg.model.extra_tokens}"),
-      (cfg.model.network_masks in (1, 2),
-       f"model.network_masks must be 1 or 2, got {cfg.model.network_masks}"),
-      (cfg.optimizer.decay in ("cosine", "constant"),
-       f"optimizer.decay must be 'cosine' or 'constant', got {cfg.optimizer.decay!r}"),
-      (0.0 < cfg.sample.top_p <= 1.0, f"sample.top_p must be in (0, 1], got {cfg.sample.top_p}"),
-      (not {"vocab_size", "dtype"} & set(cfg.model.net),
-       "model.net must not set vocab_size or dtype: they come from model.vocab_size and "
-       "train.compute_dtype"),
-  ]
-  for ok, message in checks:
-    if not ok:
-      raise ValueError(message)
+  """Checks the values that the dataclasses' types cannot; raises ValueError naming the key, the
+  value and the valid values."""
+  for key, ok, valid in _RANGES:
+    value = get(cfg, key)
+    if not ok(value):
+      raise ValueError(f"{key}={value!r} is invalid; valid: {valid}")
+  for key, choices in _CHOICES:
+    value = get(cfg, key)
+    if value not in choices:
+      raise ValueError(f"{key}={value!r} is invalid; valid: {', '.join(map(repr, choices))}")
+  if cfg.train.batch_size % cfg.train.grad_accum_steps:
+    raise ValueError(f"train.batch_size={cfg.train.batch_size} must be a multiple of "
+                     f"train.grad_accum_steps={cfg.train.grad_accum_steps}")
+  if {"vocab_size", "dtype"} & set(cfg.model.net):
+    raise ValueError("model.net must not set vocab_size or dtype: they come from model.vocab_size "
+                     "and train.compute_dtype")
   _validate_objective(cfg)
 
 
 def _validate_objective(cfg: Config) -> None:
   m = cfg.model
-  if m.objective not in ("diffusion", "autoregressive"):
-    raise ValueError(f"model.objective must be 'diffusion' or 'autoregressive', got {m.objective!r}")
   causal = bool(m.net.get("causal", False))
   if m.objective == "diffusion" and causal:
     raise ValueError("model.net.causal=True: a causal network cannot denoise; it needs "
@@ -199,9 +245,17 @@ def to_dict(cfg: Config) -> dict[str, Any]:
 
 
 # The keys that fix the shapes and meaning of a checkpoint's parameters: a checkpoint whose values
-# differ here belongs to another model and is refused.
-STATE_DEFINING_KEYS = ("model.network", "model.net", "model.vocab_size", "model.state_dependent",
-                       "model.objective")
+# differ here belongs to another model and is refused. The schedule and eps say what the network's
+# inputs z_t mean at each t; GenMD4 (state_dependent) learns its schedule, so model.schedule is
+# recorded only for MD4.
+STATE_DEFINING_KEYS = ("model.network", "model.net", "model.vocab_size", "model.extra_tokens",
+                       "model.state_dependent", "model.schedule", "model.eps", "model.objective")
+
+
+# Network options that change how a step computes, not what the parameters mean: a run may resume
+# under other values (rematerialise to fit a bigger batch, another attention kernel, other dropout).
+NET_RUNTIME_FIELDS = ("remat", "attention_impl", "dropout_rate", "dropout", "attention_dropout",
+                      "embed_dropout")
 
 
 def state_fingerprint(cfg: Config) -> dict[str, Any]:
@@ -210,4 +264,19 @@ def state_fingerprint(cfg: Config) -> dict[str, Any]:
   for key in STATE_DEFINING_KEYS:
     group, name = key.split(".")
     out[key] = flat[group][name]
+  out["model.net"] = {k: v for k, v in out["model.net"].items() if k not in NET_RUNTIME_FIELDS}
+  if cfg.model.state_dependent:
+    out["model.schedule"] = "learned (GenMD4)"
   return out
+
+
+# Settings whose change between a checkpoint and a resumed run is allowed: the parameters keep their
+# meaning. A change of the optimizer's structure resets its state (md4.checkpoint says so).
+TRAINING_KEYS = ("optimizer.lr", "optimizer.warmup_steps", "optimizer.decay", "optimizer.min_lr_ratio",
+                 "optimizer.b1", "optimizer.b2", "optimizer.adam_eps", "optimizer.weight_decay",
+                 "optimizer.grad_clip_norm", "optimizer.ema_decay", "train.grad_accum_steps",
+                 "train.num_steps")
+
+
+def training_settings(cfg: Config) -> dict[str, Any]:
+  return {key: get(cfg, key) for key in TRAINING_KEYS}

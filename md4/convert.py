@@ -30,7 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from md4 import model
+from md4 import checkpoint, model
+from md4.state import TrainState, stream_key
 from md4.config import Config
 from md4.data.pipeline import DatasetSpec
 from md4.networks import TransformerConfig, UNetConfig, UViTConfig
@@ -317,9 +318,9 @@ def convert_checkpoint(source: str, cfg: Config, spec: DatasetSpec, workdir: str
                        step: int | None = None) -> ConvertResult:
   """Converts the released checkpoint at `source` and writes it as step S of a checkpoint of this
   project in `workdir` (S: the released step). Refuses a workdir that already holds checkpoints."""
-  from md4 import train  # The trainer's state and checkpointing; imported only to write.
+  from md4 import train  # The trainer's optimizer; imported only to write.
 
-  existing = train.Checkpointer(workdir, cfg, read_only=True).latest_step() \
+  existing = checkpoint.Checkpointer(workdir, cfg, read_only=True).latest_step() \
       if os.path.isdir(os.path.join(workdir, "checkpoints")) else None
   if existing is not None:
     raise ValueError(f"{workdir} already holds checkpoints (latest step {existing}); convert into "
@@ -329,11 +330,10 @@ def convert_checkpoint(source: str, cfg: Config, spec: DatasetSpec, workdir: str
   ema = convert_params(ref.ema_params, cfg, spec) if ref.ema_params is not None else params
   setup = train.make_setup(cfg, spec)
   params, ema = jax.tree.map(jnp.asarray, (params, ema))
-  state = train.TrainState(step=jnp.asarray(ref.step, jnp.int32), params=params,
-                           opt_state=setup.tx.init(params), ema_params=ema,
-                           rng=jax.random.key_data(jax.random.key(cfg.train.seed)))
-  checkpointer = train.Checkpointer(workdir, cfg)
-  checkpointer.save(state, {"next_index": ref.step * cfg.train.batch_size,
-                            "global_batch": cfg.train.batch_size})
+  state = TrainState(step=jnp.asarray(ref.step, jnp.int32), params=params,
+                     opt_state=setup.tx.init(params), ema_params=ema,
+                     rng=jax.random.key_data(stream_key(cfg.train.seed, "init")))
+  checkpointer = checkpoint.Checkpointer(workdir, cfg)
+  checkpointer.save(state, {})  # No data stream: a resumed run starts its stream afresh.
   return ConvertResult(ref.step, sum(x.size for x in jax.tree.leaves(params)), ref.directory,
                        checkpointer.directory, ref.ema_params is not None)

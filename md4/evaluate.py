@@ -20,6 +20,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from md4 import model, sharding
+from md4.state import stream_key
 from md4.config import Config
 from md4.data.pipeline import Dataset
 
@@ -67,11 +68,11 @@ class Evaluator:
 
   def __call__(self, params, dataset: Dataset, *, split: str | None = None,
                max_examples: int | None = None, rng: jax.Array | None = None) -> EvalResult:
-    """split and max_examples default to cfg.eval's; rng to a key derived from the seed."""
+    """split and max_examples default to cfg.eval's; rng to the seed's "eval" stream."""
     cfg = self.cfg
     split = cfg.eval.split if split is None else split
     max_examples = cfg.eval.max_examples if max_examples is None else max_examples
-    rng = jax.random.key(cfg.train.seed + 1) if rng is None else rng
+    rng = stream_key(cfg.train.seed, "eval") if rng is None else rng
     totals = np.zeros(5, np.float64)
     for local in dataset.eval_iterator(split, cfg.eval.batch_size, jax.process_index(),
                                        jax.process_count(), max_examples):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -90,6 +91,28 @@ class Sampler:
     timed call measures sampling, not compilation)."""
     compiled = self._run.lower(*self._args(params, rng, init, labels)).compile()
     return lambda params, rng, init, labels=None: compiled(*self._args(params, rng, init, labels))
+
+
+class Drawn(NamedTuple):
+  samples: np.ndarray  # int32[N, *S]
+  num_calls: int  # Network calls made.
+  path: str | None  # The file written (process 0), None elsewhere.
+
+
+def draw(sampler: Sampler, params, rng: jax.Array, dataset: Dataset, cfg: Config, path_stem: str,
+         init: np.ndarray | None = None) -> Drawn:
+  """cfg.sample.num_samples samples (from `init`, default all masked; class-conditional models get
+  classes 0, 1, 2, ... in turn), written by process 0 to path_stem.txt or .png.
+
+  Every process calls this: sampling is one computation over all of them.
+  """
+  n = cfg.sample.num_samples
+  init = unconditional_init(dataset.spec, n, cfg.model.vocab_size) if init is None else init
+  labels = default_labels(dataset.spec, n, model.is_conditional(cfg))
+  result = sampler(params, rng, init, labels)
+  samples = np.asarray(result.samples)
+  path = write_samples(dataset, samples, path_stem) if jax.process_index() == 0 else None
+  return Drawn(samples, int(result.num_calls), path)
 
 
 def unconditional_init(spec: DatasetSpec, num_samples: int, mask_id: int) -> np.ndarray:

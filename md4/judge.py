@@ -240,9 +240,9 @@ class ModelJudge:
   over text8 characters, the vocabulary of the character-level demo and text8 models."""
 
   def __init__(self, workdir: str, batch_size: int = 64):
-    from md4 import evaluate, train  # pylint: disable=g-import-not-at-top
+    from md4 import checkpoint, evaluate, state  # pylint: disable=g-import-not-at-top
     from md4.data import pipeline  # pylint: disable=g-import-not-at-top
-    cfg = train.read_checkpoint_config(workdir)
+    cfg = checkpoint.read_checkpoint_config(workdir)
     if cfg.model.objective != "autoregressive":
       raise ValueError(f"judge {workdir} is a {cfg.model.objective} model; a judge must be "
                        "autoregressive (model.objective='autoregressive', e.g. "
@@ -253,18 +253,16 @@ class ModelJudge:
                        "project must read text8 characters")
     # A judge computes in float32, whatever precision it trained in.
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, compute_dtype="float32"))
-    setup = train.make_setup(cfg, dataset.spec)
-    state, _ = train.Checkpointer(workdir, cfg, read_only=True).restore(
-        train.abstract_state(setup))
-    params = state.ema_params if cfg.eval.use_ema else state.params
-    result = evaluate.Evaluator(setup.network, cfg, setup.mesh)(params, dataset)
+    loaded = checkpoint.load_for_inference(cfg, dataset.spec, workdir)
+    params = state.inference_params(loaded.state, cfg, "eval")
+    result = evaluate.Evaluator(loaded.network, cfg, loaded.mesh)(params, dataset)
     self.held_out_bits = result.bits_per_token
     self.batch_size = batch_size
     self.context = cfg.data.seq_length
-    self.description = (f"autoregressive judge {workdir} (step {int(state.step)}, "
+    self.description = (f"autoregressive judge {workdir} (step {int(loaded.state.step)}, "
                         f"{result.bits_per_token:.4f} bits/char on {cfg.data.dataset}'s "
                         f"{cfg.eval.split} split)")
-    network, bos = setup.network, cfg.model.vocab_size
+    network, bos = loaded.network, cfg.model.vocab_size
 
     @jax.jit
     def nll(net_params, ids, weights):

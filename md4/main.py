@@ -22,21 +22,29 @@ Samples use cfg.sample (method, steps, top_p, ...), overridable like any key:
 from __future__ import annotations
 
 import os
+import importlib
 import pathlib
 import sys
+import traceback
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-# Config files import each other as `configs.*` (presets by inheritance).
-if (REPO_ROOT / "configs").is_dir() and str(REPO_ROOT) not in sys.path:
-  sys.path.insert(0, str(REPO_ROOT))
+# The config files: configs/ of a checkout (or an editable install), else the copy a regular install
+# puts in the package as md4.configs (setup.py).
+if (REPO_ROOT / "configs").is_dir():
+  CONFIG_ROOT = REPO_ROOT / "configs"
+  if str(REPO_ROOT) not in sys.path:  # Config files import each other as `configs.*`.
+    sys.path.insert(0, str(REPO_ROOT))
+else:
+  CONFIG_ROOT = pathlib.Path(__file__).resolve().parent / "configs"
+  sys.modules.setdefault("configs", importlib.import_module("md4.configs"))
 
 COMMANDS = ("train", "eval", "sample", "info", "convert", "prepare")
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", str(REPO_ROOT / "configs" / "demo.py"),
+    "config", str(CONFIG_ROOT / "demo.py"),
     "Config file, optionally with a preset: configs/md4/text8.py:tiny.", lock_config=True)
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Run directory (checkpoints, metrics, samples); default runs/<config name>.")
@@ -100,28 +108,11 @@ def _default_workdir() -> str:
 
 
 def _restore_for_inference(cfg, workdir, step):
-  """(setup, dataset, state) from a checkpoint, with the config's dataset loaded."""
+  """(inference, dataset) from a checkpoint, with the config's dataset loaded."""
+  from md4 import checkpoint
   from md4.data import pipeline
   dataset = pipeline.load(cfg.data)
-  setup, state = _restore(cfg, dataset.spec, workdir, step)
-  return setup, dataset, state
-
-
-def _restore(cfg, spec, workdir, step):
-  """(setup, state) of the checkpoint at `step` (default: the latest) in workdir."""
-  import jax
-
-  from md4 import train
-
-  setup = train.make_setup(cfg, spec)
-  checkpointer = train.Checkpointer(workdir, cfg, read_only=True)
-  restored = checkpointer.restore(train.abstract_state(setup), step)
-  if restored is None:
-    raise app.UsageError(f"no checkpoint in {checkpointer.directory}: train first "
-                         f"(md4 train --workdir={workdir})")
-  state = restored[0]
-  jax.block_until_ready(state)
-  return setup, state
+  return checkpoint.load_for_inference(cfg, dataset.spec, workdir, step), dataset
 
 
 def _train(cfg, workdir):
@@ -136,10 +127,18 @@ def _eval(cfg, workdir):
   if _ZERO_SHOT.value:
     return _zero_shot(cfg, workdir)
   if _SOURCE.value or _TOKENIZER.value:
-    raise app.UsageError("--source and --tokenizer go with --zero_shot (or md4 prepare)")
-  setup, dataset, state = _restore_for_inference(cfg, workdir, _STEP.value)
-  params = state.ema_params if cfg.eval.use_ema else state.params
-  result = Evaluator(setup.network, cfg, setup.mesh)(params, dataset, split=_SPLIT.value)
+    raise ValueError("--source and --tokenizer go with --zero_shot (or md4 prepare)")
+  if _SPLIT.value is not None:
+    from md4.data import pipeline
+    splits = pipeline.eval_splits(cfg.data)
+    if _SPLIT.value not in splits:
+      raise ValueError(f"--split={_SPLIT.value!r} is not a split of dataset {cfg.data.dataset!r}; "
+                       f"valid: {', '.join(splits)}")
+  from md4.state import inference_params
+  loaded, dataset = _restore_for_inference(cfg, workdir, _STEP.value)
+  state = loaded.state
+  result = Evaluator(loaded.network, cfg, loaded.mesh)(inference_params(state, cfg, "eval"),
+                                                       dataset, split=_SPLIT.value)
   if jax.process_index() == 0:
     if cfg.model.objective == "autoregressive":
       what = "exact likelihood"
@@ -177,12 +176,12 @@ def _zero_shot(cfg, workdir):
   """Zero-shot perplexities of a token-level model on local copies of the paper's test sets."""
   import jax
 
-  from md4 import evaluate
+  from md4 import checkpoint, evaluate
   from md4.data import documents, pipeline, tokenizers
   from md4.data import zero_shot as zs
 
   if _SPLIT.value:
-    raise app.UsageError("--split does not apply to --zero_shot: each test set is scored whole")
+    raise ValueError("--split does not apply to --zero_shot: each test set is scored whole")
   sources = _zero_shot_sources()
   if _TOKENIZER.value:
     tokenizer, where = tokenizers.get_tokenizer(_TOKENIZER.value), "--tokenizer"
@@ -202,9 +201,10 @@ def _zero_shot(cfg, workdir):
                      "the model's own with --tokenizer=SPEC")
   texts = {name: zs.read_rows(name, files) for name, files in sources.items()}
   spec = pipeline.DatasetSpec(tokenizer.vocab_size, (cfg.data.seq_length,), "text", "token")
-  setup, state = _restore(cfg, spec, workdir, _STEP.value)
-  params = state.ema_params if cfg.eval.use_ema else state.params
-  evaluator = evaluate.Evaluator(setup.network, cfg, setup.mesh)
+  from md4.state import inference_params
+  loaded = checkpoint.load_for_inference(cfg, spec, workdir, _STEP.value)
+  state, params = loaded.state, inference_params(loaded.state, cfg, "eval")
+  evaluator = evaluate.Evaluator(loaded.network, cfg, loaded.mesh)
   likelihood = ("the exact likelihood" if cfg.model.objective == "autoregressive" else
                 "the bound (<=)")
   if jax.process_index() == 0:
@@ -221,60 +221,57 @@ def _zero_shot(cfg, workdir):
 
 def _sample(cfg, workdir):
   import jax
-  import numpy as np
 
-  from md4 import generate, model
+  from md4 import generate
 
   if cfg.model.objective != "diffusion":
     raise ValueError(f"md4 sample draws from diffusion models; this one is "
                      f"{cfg.model.objective} (a judge: use it with --judge)")
   if _PROMPT.value is not None and _INFILL.value is not None:
-    raise app.UsageError("give --prompt or --infill, not both")
+    raise ValueError("give --prompt or --infill, not both")
   if (_SWEEP_METHODS.value or _SWEEP_GRIDS.value) and not _SWEEP_STEPS.value:
-    raise app.UsageError("--sweep_methods and --sweep_grids go with --sweep_steps")
+    raise ValueError("--sweep_methods and --sweep_grids go with --sweep_steps")
   conditioned = _PROMPT.value is not None or _INFILL.value is not None
   if conditioned and (_SWEEP_STEPS.value or _JUDGE.value):
-    raise app.UsageError("--judge and --sweep_steps score unconditional samples, not --prompt or "
-                         "--infill ones (the judge would score the given text too)")
+    raise ValueError("--judge and --sweep_steps score unconditional samples, not --prompt or "
+                     "--infill ones (the judge would score the given text too)")
   try:
     sweep_steps = [int(n) for n in _SWEEP_STEPS.value or []]
   except ValueError:
-    raise app.UsageError(f"--sweep_steps takes numbers of steps, got {_SWEEP_STEPS.value}") from None
+    raise ValueError(f"--sweep_steps takes numbers of steps, got {_SWEEP_STEPS.value}") from None
   if sweep_steps and _JUDGE.value is None:
     raise ValueError("--sweep_steps needs --judge=DIR (a GPT-2 directory, or the workdir of an "
                      "autoregressive model such as configs/judge_demo.py's)")
+  from md4.state import inference_params, stream_key
   judge = _load_judge()
-  setup, dataset, state = _restore_for_inference(cfg, workdir, _STEP.value)
+  loaded, dataset = _restore_for_inference(cfg, workdir, _STEP.value)
   if judge is not None:
     judge.check_samples(dataset.spec)
-  params = state.ema_params if cfg.sample.use_ema else state.params
-  rng = jax.random.key(cfg.train.seed + 3)
+  state, params = loaded.state, inference_params(loaded.state, cfg, "sample")
+  rng = stream_key(cfg.train.seed, "sample")
   spec, n = dataset.spec, cfg.sample.num_samples
-  labels = generate.default_labels(spec, n, model.is_conditional(cfg))
   if sweep_steps:
-    return _sweep(cfg, workdir, setup, dataset, state, params, rng, labels, judge, sweep_steps)
+    return _sweep(cfg, workdir, loaded, dataset, params, rng, judge, sweep_steps)
+  init = None
   if _PROMPT.value is not None:
     init = generate.prompt_init(spec, _PROMPT.value, n, cfg.model.vocab_size)
   elif _INFILL.value is not None:
     init = generate.infill_init(spec, _INFILL.value, n, cfg.model.vocab_size)
-  else:
-    init = generate.unconditional_init(spec, n, cfg.model.vocab_size)
-  result = generate.Sampler(setup.network, cfg)(params, rng, init, labels)
-  samples = np.asarray(result.samples)
-  if jax.process_index() != 0:  # Every process samples (a collective computation); one writes.
-    return
   stem = _OUTPUT.value or os.path.join(workdir, "samples", f"sample_step_{int(state.step)}")
-  path = generate.write_samples(dataset, samples, stem)
-  print(f"{n} samples ({cfg.sample.method}, {int(result.num_calls)} network calls) -> {path}")
+  drawn = generate.draw(generate.Sampler(loaded.network, cfg), params, rng, dataset, cfg, stem,
+                        init)
+  if jax.process_index() != 0:
+    return
+  print(f"{n} samples ({cfg.sample.method}, {drawn.num_calls} network calls) -> {drawn.path}")
   if spec.kind == "text":
-    for s in samples:
+    for s in drawn.samples:
       print(repr(dataset.decode(s)))
   if judge is not None:
     from md4 import judge as judge_lib
-    score = judge.score([dataset.decode(s) for s in samples])
+    score = judge.score([dataset.decode(s) for s in drawn.samples])
     print(f"judge: {judge.description}\n{_GEN_PPL_DEFINITION}\ngenerative perplexity "
           f"{score.perplexity:.4g} over {score.num_tokens} judge tokens; unigram entropy "
-          f"{judge_lib.unigram_entropy(samples):.4g} nats (mean over samples)")
+          f"{judge_lib.unigram_entropy(drawn.samples):.4g} nats (mean over samples)")
 
 
 _GEN_PPL_DEFINITION = (
@@ -290,13 +287,15 @@ def _load_judge():
   return judge_lib.load_judge(_JUDGE.value)
 
 
-def _sweep(cfg, workdir, setup, dataset, state, params, rng, labels, judge, steps):
+def _sweep(cfg, workdir, loaded, dataset, params, rng, judge, steps):
   import jax
 
-  from md4 import sampling, sweep
+  from md4 import generate, model, sampling, sweep
+  state = loaded.state
+  labels = generate.default_labels(dataset.spec, cfg.sample.num_samples, model.is_conditional(cfg))
   methods = _SWEEP_METHODS.value or [m for m in sampling.METHODS
                                      if not (cfg.model.state_dependent and m == "first_hitting")]
-  rows = sweep.run(setup.network, cfg, params, dataset, judge, steps, methods,
+  rows = sweep.run(loaded.network, cfg, params, dataset, judge, steps, methods,
                    _SWEEP_GRIDS.value or [cfg.sample.time_grid], rng, labels)
   if jax.process_index() != 0:
     return
@@ -333,10 +332,10 @@ def _convert(cfg, workdir):
 def _prepare(argv):
   from md4.data import prepare
   if len(argv) != 3:
-    raise app.UsageError(f"usage: md4 prepare DATASET --data_dir=DIR; datasets: "
-                         f"{', '.join(prepare.PREPARERS)}")
+    sys.exit(f"md4 prepare: error: usage: md4 prepare DATASET --data_dir=DIR; datasets: "
+             f"{', '.join(prepare.PREPARERS)}")
   if not _DATA_DIR.value:
-    raise app.UsageError("md4 prepare needs --data_dir")
+    sys.exit("md4 prepare: error: md4 prepare needs --data_dir=DIR")
   given = {"tokenizer": _TOKENIZER.value, "seq_length": _SEQ_LENGTH.value,
            "heldout_fraction": _HELDOUT.value, "seed": _SPLIT_SEED.value}
   try:
@@ -352,29 +351,74 @@ def main(argv):
   if len(argv) >= 2 and argv[1] == "prepare":
     return _prepare(argv)
   if len(argv) != 2 or argv[1] not in COMMANDS:
-    raise app.UsageError(f"usage: md4 {{{'|'.join(COMMANDS)}}} [--config=...] [flags]; got "
-                         f"{' '.join(argv[1:]) or 'no command'}")
+    sys.exit(f"md4: error: usage: md4 {{{'|'.join(COMMANDS)}}} [--config=...] [flags]; got "
+             f"{' '.join(argv[1:]) or 'no command'}")
+  command = argv[1]
   from md4 import config as config_lib
   from md4 import distributed
   try:
     cfg = config_lib.from_configdict(_CONFIG.value)
   except ValueError as e:
-    raise app.UsageError(f"bad config: {e}") from None
+    sys.exit(f"md4 {command}: error: {e}")
   workdir = _WORKDIR.value or _default_workdir()
   try:
+    if command in ("info", "convert"):  # Single-process commands: no distributed set-up.
+      _check(cfg)
+      return {"info": _info, "convert": _convert}[command](cfg, workdir)
     # Several processes (flags, SLURM, a TPU slice): join them before anything touches a device.
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    if argv[1] in ("info", "convert"):  # Single-process commands: no distributed set-up.
-      return {"info": _info, "convert": _convert}[argv[1]](cfg, workdir)
-    {"train": _train, "eval": _eval, "sample": _sample}[argv[1]](cfg, workdir)
+    _check(cfg)
+    {"train": _train, "eval": _eval, "sample": _sample}[command](cfg, workdir)
   except (ValueError, FloatingPointError) as e:
-    sys.exit(f"md4 {argv[1]}: error: {e}")
-  except Exception as e:  # Several processes: exit now rather than wait for peers that may be gone.
-    distributed.exit_now_if_multiprocess(f"md4 {argv[1]}", e)
+    sys.exit(f"md4 {command}: error: {e}")
+  except Exception as e:  # pylint: disable=broad-except
+    train = sys.modules.get("md4.train")  # Only the trainer raises HookError.
+    if train is not None and isinstance(e, train.HookError):  # The hook's own traceback, then the one line that matters.
+      traceback.print_exception(e.__cause__, file=sys.stderr)
+      sys.exit(f"md4 {command}: error: {e}")
+    # Several processes: exit now rather than wait for peers that may be gone.
+    distributed.exit_now_if_multiprocess(f"md4 {command}", e)
     raise
 
 
+def _check(cfg) -> None:
+  """The whole config against the dataset, the devices and the processes, before anything runs."""
+  import jax
+
+  from md4 import checks
+  from md4.data import pipeline
+  spec = None
+  if _ZERO_SHOT.value:  # The model reads a tokenizer's ids, checked against it once it is known.
+    spec = pipeline.DatasetSpec(cfg.model.vocab_size - cfg.model.extra_tokens,
+                                (cfg.data.seq_length,), "text", "token")
+  checks.check_config(cfg, spec, num_devices=len(jax.devices()),
+                      num_processes=jax.process_count())
+
+
+def _shipped_config(value: str) -> str:
+  """configs/X.py[:presets] names the shipped config X.py from any working directory: a path that
+  does not exist here is looked up under CONFIG_ROOT."""
+  path, sep, presets = value.partition(":")
+  if not path.startswith("configs/") or os.path.exists(path):
+    return value
+  shipped = CONFIG_ROOT / path[len("configs/"):]
+  return f"{shipped}{sep}{presets}" if shipped.exists() else value
+
+
+def _resolve_config_path(argv: list[str]) -> list[str]:
+  """argv with --config's value (as --config=V or --config V) passed through _shipped_config."""
+  out = []
+  for i, arg in enumerate(argv):
+    if arg.startswith("--config="):
+      arg = "--config=" + _shipped_config(arg[len("--config="):])
+    elif i and argv[i - 1] == "--config":
+      arg = _shipped_config(arg)
+    out.append(arg)
+  return out
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
+  argv = _resolve_config_path(argv)
   try:
     return flags.FLAGS(argv)
   except (KeyError, AttributeError) as e:  # ml_collections: an override names a key that is not there.

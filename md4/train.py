@@ -8,8 +8,8 @@ the same draws as an uninterrupted one (with the data stream's state saved in th
 """
 
 
+import contextlib
 import functools
-import json
 import math
 import os
 import signal
@@ -22,28 +22,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 import tqdm
 from clu import metrics as clu_metrics
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from md4 import config as config_lib
-from md4 import elbo, generate, model, sharding
+from md4 import checks, elbo, generate, model, sharding
+from md4.checkpoint import Checkpointer
 from md4.config import Config
 from md4.data import pipeline
 from md4.data.pipeline import Dataset, DatasetSpec
 from md4.evaluate import EvalResult, Evaluator
 from md4.metric_writer import MetricWriter
-
-
-@flax.struct.dataclass
-class TrainState:
-  step: jax.Array  # int32[]
-  params: Any
-  opt_state: Any
-  ema_params: Any
-  rng: jax.Array  # uint32[2]: raw key data, so checkpoints hold plain arrays.
+from md4.state import TrainState, inference_params, stream_key
 
 
 @flax.struct.dataclass
@@ -84,12 +75,10 @@ class Setup(NamedTuple):
 
 
 def make_setup(cfg: Config, spec: DatasetSpec, mesh: Mesh | None = None) -> Setup:
+  """Checks the whole config (md4.checks) against spec and the devices, then builds the pieces."""
+  checks.check_config(cfg, spec, num_devices=len(jax.devices()) if mesh is None else mesh.size,
+                      num_processes=jax.process_count())
   mesh = sharding.make_mesh(cfg.train.mesh_fsdp) if mesh is None else mesh
-  sharding.check_batch_size(cfg.train.batch_size // cfg.train.grad_accum_steps, mesh,
-                            "train.batch_size / train.grad_accum_steps")
-  if cfg.train.batch_size % jax.process_count():
-    raise ValueError(f"train.batch_size={cfg.train.batch_size} must split evenly over "
-                     f"{jax.process_count()} processes")
   return Setup(cfg, spec, model.build_network(cfg, spec), make_optimizer(cfg), mesh)
 
 
@@ -168,84 +157,10 @@ def compile_train_step(setup: Setup, abstract_state: TrainState) -> Callable:
 
 def create_state(setup: Setup) -> TrainState:
   """A fresh state, initialised directly into its shardings."""
-  rng = jax.random.key(setup.cfg.train.seed)
+  rng = stream_key(setup.cfg.train.seed, "init")
   abstract = jax.eval_shape(functools.partial(init_state, setup), rng)
   return jax.jit(functools.partial(init_state, setup),
                  out_shardings=sharding.state_shardings(abstract, setup.mesh))(rng)
-
-
-class Checkpointer:
-  """Orbax checkpoints of the state, the data stream's state and the config, written atomically.
-
-  A checkpoint whose model differs from this config's (config.STATE_DEFINING_KEYS) is refused.
-  """
-
-  def __init__(self, workdir: str, cfg: Config, *, read_only: bool = False):
-    self.cfg = cfg
-    self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=cfg.train.keep_checkpoints, create=not read_only, read_only=read_only,
-        enable_async_checkpointing=False)
-    self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                         item_names=("state", "data", "meta"))
-
-  def latest_step(self) -> int | None:
-    return self.manager.latest_step()
-
-  def save(self, state: TrainState, data_state: dict[str, Any]) -> None:
-    meta = {"fingerprint": config_lib.state_fingerprint(self.cfg),
-            "config": config_lib.to_dict(self.cfg)}
-    self.manager.save(int(state.step), args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
-        meta=ocp.args.JsonSave(meta)), force=True)
-    self.manager.wait_until_finished()
-
-  def check_compatible(self, step: int) -> None:
-    meta = _read_meta(self.manager, step)
-    ours = json.loads(json.dumps(config_lib.state_fingerprint(self.cfg)))
-    # A key added to the fingerprint after a checkpoint was written meant its default then.
-    defaults = json.loads(json.dumps(config_lib.state_fingerprint(Config())))
-    theirs = {k: meta["fingerprint"].get(k, defaults[k]) for k in ours}
-    diffs = [f"{k}: checkpoint has {theirs[k]!r}, config has {v!r}"
-             for k, v in ours.items() if theirs[k] != v]
-    if diffs:
-      raise ValueError(f"the checkpoint at step {step} in {self.directory} belongs to another model "
-                       "config; refusing to restore it:\n  " + "\n  ".join(diffs))
-
-  def restore(self, abstract_state: TrainState, step: int | None = None
-              ) -> tuple[TrainState, dict[str, Any]] | None:
-    """(state, data_state) at `step` (default: the latest), or None when there is no checkpoint."""
-    step = self.latest_step() if step is None else step
-    if step is None:
-      return None
-    if step not in self.manager.all_steps():
-      raise ValueError(f"no checkpoint at step {step} in {self.directory}; steps there: "
-                       f"{sorted(self.manager.all_steps())}")
-    self.check_compatible(step)
-    out = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
-    return out["state"], out["data"]
-
-
-def read_checkpoint_config(workdir: str, step: int | None = None) -> Config:
-  """The config a checkpoint in workdir was written with (its own record), for readers that know
-  only the workdir, such as a judge. step: default the latest."""
-  directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
-  if not os.path.isdir(directory):
-    raise ValueError(f"no checkpoint in {directory}")
-  options = ocp.CheckpointManagerOptions(read_only=True, create=False)
-  with ocp.CheckpointManager(directory, options=options,
-                             item_names=("state", "data", "meta")) as manager:
-    step = manager.latest_step() if step is None else step
-    if step is None:
-      raise ValueError(f"no checkpoint in {directory}")
-    meta = _read_meta(manager, step)
-  return config_lib.from_configdict(meta["config"])
-
-
-def _read_meta(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
-  """The JSON record a checkpoint keeps beside the state: its fingerprint and config."""
-  return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
 
 def abstract_state(setup: Setup) -> TrainState:
@@ -299,14 +214,55 @@ class TrainResult(NamedTuple):
   preempted: bool
 
 
+class HookError(RuntimeError):
+  """A periodic evaluation or sample failed; the state of its step is saved."""
+
+
 def _log(message: str) -> None:
   if jax.process_index() == 0:
     tqdm.tqdm.write(message)
 
 
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+  return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def model_batch(local: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+  """(the arrays a step reads, "source_index"): where each example came from stays on the host."""
+  inputs = dict(local)
+  return inputs, inputs.pop("source_index", None)
+
+
+def check_ids(batch: dict[str, np.ndarray], spec: DatasetSpec, dataset: Dataset,
+              source_index: np.ndarray | None, step: int) -> None:
+  """Refuses ids outside the dataset's vocabulary (and labels outside its classes) before they reach
+  the network, where an out-of-range gather would be silently clamped or give NaN; the message names
+  the dataset, where the example came from and the value. Two reductions per field: cheap against a
+  step."""
+  fields = [("x", spec.vocab_size)]
+  if spec.num_classes and "label" in batch:
+    fields.append(("label", spec.num_classes))
+  for name, limit in fields:
+    values = batch[name]
+    if values.min() >= 0 and values.max() < limit:
+      continue
+    bad = (values < 0) | (values >= limit)
+    row = int(np.argmax(bad.reshape(len(values), -1).any(axis=1)))
+    value = int(values[row].reshape(-1)[np.argmax(bad[row].reshape(-1))])
+    where = (dataset.describe_example("train", int(source_index[row])) if source_index is not None
+             else f"{dataset.name} train batch row {row}")
+    raise ValueError(f"bad {'token id' if name == 'x' else 'label'} {value} in {where} (training "
+                     f"batch of step {step + 1}): valid {name} values are 0..{limit - 1}")
+
+
 def train(cfg: Config, workdir: str, *, dataset: Dataset | None = None,
           mesh: Mesh | None = None) -> TrainResult:
-  """Trains cfg in workdir, resuming from its latest checkpoint; returns the final state."""
+  """Trains cfg in workdir, resuming from its latest checkpoint; returns the final state.
+
+  Order at each step: train, check, save (if due), then the hooks (eval, samples), so a failing hook
+  loses nothing: its step is saved before the error is raised. Nothing non-finite is ever saved.
+  """
   dataset = pipeline.load(cfg.data) if dataset is None else dataset
   setup = make_setup(cfg, dataset.spec, mesh)
   tcfg = cfg.train
@@ -315,12 +271,17 @@ def train(cfg: Config, workdir: str, *, dataset: Dataset | None = None,
   data_iter = dataset.train_iterator(tcfg.batch_size, tcfg.seed, jax.process_index(),
                                      jax.process_count(), cfg.data.num_workers)
   abstract = abstract_state(setup)
-  restored = checkpointer.restore(abstract)
+  restored = checkpointer.restore(abstract, setup.tx.init)
   if restored is None:
     state = create_state(setup)
   else:
-    state, data_state = restored
-    data_iter.set_state(data_state)
+    state = restored.state
+    if restored.data_state:
+      data_iter.set_state(restored.data_state)
+    else:
+      _log("the checkpoint has no data stream state (a converted one): the stream starts afresh")
+    for note in restored.notes:
+      _log(note)
     _log(f"resumed from step {int(state.step)} in {checkpointer.directory}")
   step_fn = compile_train_step(setup, abstract)
   evaluator = Evaluator(setup.network, cfg, setup.mesh)
@@ -332,23 +293,35 @@ def train(cfg: Config, workdir: str, *, dataset: Dataset | None = None,
 
   bar = tqdm.tqdm(total=tcfg.num_steps, initial=start, unit="step", dynamic_ncols=True,
                   disable=not tcfg.progress_bar or jax.process_index() != 0)
+  saved = start if restored is not None else None
+
+  def save(done, loss):
+    nonlocal saved
+    _check_finite(done, loss, state, saved, checkpointer.directory)
+    checkpointer.save(state, data_iter.get_state())
+    saved = done
+
   collected, pending, last_log = None, None, (start, time.perf_counter())
   preempted = False
-  with _Preemption() as preemption:
+  # The bar is closed before any error propagates, so the message is printed on its own line; the
+  # stream's worker processes stop with the loop, not when the iterator is garbage collected.
+  with _Preemption() as preemption, contextlib.closing(bar), contextlib.closing(data_iter):
     for step in range(start, tcfg.num_steps):
-      batch = sharding.global_batch(next(data_iter), setup.mesh)
+      local, source_index = model_batch(next(data_iter))
+      check_ids(local, dataset.spec, dataset, source_index, step)
+      batch = sharding.global_batch(local, setup.mesh)
       with jax.transfer_guard("disallow"):
         state, metrics = step_fn(state, batch)
       # Check the previous step's loss now, while this one runs: no stall, one step of lag.
       if pending is not None:
-        _check_finite(*pending)
-      pending = (step + 1, metrics["loss"])
+        _check_loss(*pending)
+      done = step + 1
+      pending = (done, metrics["loss"])
       single = TrainMetrics.single_from_model_output(**metrics)
       collected = single if collected is None else collected.merge(single)
       bar.update(1)
-      done = step + 1
       if done % tcfg.log_every == 0 or done == tcfg.num_steps:
-        _check_finite(*pending)
+        _check_loss(*pending)
         values = collected.compute()
         now = time.perf_counter()
         rate = (done - last_log[0]) / (now - last_log[1])
@@ -362,51 +335,73 @@ def train(cfg: Config, workdir: str, *, dataset: Dataset | None = None,
           scalars.update({"train/power_mean": jnp.mean(power), "train/power_min": jnp.min(power),
                           "train/power_max": jnp.max(power)})
         writer.write(done, scalars)
-      if tcfg.eval_every and done % tcfg.eval_every == 0 and done != tcfg.num_steps:
-        result = evaluator(state.ema_params, dataset, max_examples=tcfg.eval_batches *
-                           cfg.eval.batch_size)
-        writer.write(done, result.metrics())
-        _log(f"step {done}: eval {result.summary()}")
-      if tcfg.sample_every and done % tcfg.sample_every == 0:
-        _write_samples(sampler, state, dataset, cfg, workdir, done)
       stop = preemption.stop_after(done)
       if done % tcfg.checkpoint_every == 0 or done == tcfg.num_steps or stop:
-        checkpointer.save(state, data_iter.get_state())
+        save(done, metrics["loss"])
       if stop:
         _log(f"SIGTERM: saved the checkpoint at step {done} and stopped")
         preempted = True
         break
-  bar.close()
+      hooks = []
+      if tcfg.eval_every and done % tcfg.eval_every == 0 and done != tcfg.num_steps:
+        hooks.append(("evaluation", functools.partial(_periodic_eval, evaluator, state, dataset,
+                                                      cfg, writer, done)))
+      if tcfg.sample_every and done % tcfg.sample_every == 0:
+        hooks.append(("sample", functools.partial(_write_samples, sampler, state, dataset, cfg,
+                                                  workdir, done)))
+      for name, hook in hooks:
+        try:
+          hook()
+        except Exception as e:
+          if saved != done:
+            save(done, metrics["loss"])
+          raise HookError(f"the {name} hook failed after step {done} ({type(e).__name__}: {e}); "
+                          f"the checkpoint of step {done} is saved in {checkpointer.directory}, "
+                          "so a rerun resumes from it") from e
   if pending is not None:
-    _check_finite(*pending)
+    _check_loss(*pending)
   if preempted:
     return TrainResult(state, None, True)
-  result = evaluator(state.ema_params if cfg.eval.use_ema else state.params, dataset)
+  result = evaluator(inference_params(state, cfg, "eval"), dataset)
   writer.write(int(state.step), result.metrics())
   _report(result, dataset, cfg)
   return TrainResult(state, result, False)
 
 
-def _check_finite(step: int, loss: jax.Array) -> None:
+def _check_loss(step: int, loss: jax.Array) -> None:
   value = float(loss)
   if not math.isfinite(value):
     raise FloatingPointError(f"training loss is {value} at step {step}; stopping (lower "
                              "optimizer.lr, or check the data)")
 
 
+def _check_finite(step: int, loss: jax.Array, state: TrainState, saved: int | None,
+                  directory: str) -> None:
+  """Before a save: the step's loss and every parameter (raw and EMA) must be finite."""
+  last = (f"the last checkpoint is step {saved} in {directory}" if saved is not None else
+          "no checkpoint was written")
+  if not math.isfinite(float(loss)):
+    raise FloatingPointError(f"training loss is {float(loss)} at step {step}; not saving a "
+                             f"non-finite state ({last}); lower optimizer.lr or check the data")
+  if not bool(_all_finite((state.params, state.ema_params))):
+    raise FloatingPointError(f"non-finite parameters at step {step}; not saving them ({last}); "
+                             "lower optimizer.lr or check the data")
+
+
+def _periodic_eval(evaluator, state, dataset, cfg, writer, step) -> None:
+  result = evaluator(inference_params(state, cfg, "eval"), dataset,
+                     max_examples=cfg.train.eval_batches * cfg.eval.batch_size)
+  writer.write(step, result.metrics())
+  _log(f"step {step}: eval {result.summary()}")
+
+
 def _write_samples(sampler, state, dataset, cfg, workdir, step) -> None:
-  spec = dataset.spec
-  n = cfg.sample.num_samples
-  init = generate.unconditional_init(spec, n, cfg.model.vocab_size)
-  labels = generate.default_labels(spec, n, model.is_conditional(cfg))
-  params = state.ema_params if cfg.sample.use_ema else state.params
-  rng = jax.random.fold_in(jax.random.key(cfg.train.seed + 2), step)
-  samples = np.asarray(sampler(params, rng, init, labels).samples)
-  if jax.process_index() != 0:
-    return
-  path = generate.write_samples(dataset, samples, os.path.join(workdir, "samples", f"step_{step}"))
-  first = dataset.decode(samples[0]) if spec.kind == "text" else None
-  _log(f"step {step}: samples written to {path}" + (f"\n  {first[:200]!r}" if first else ""))
+  rng = jax.random.fold_in(stream_key(cfg.train.seed, "sample_hook"), step)
+  drawn = generate.draw(sampler, inference_params(state, cfg, "sample"), rng, dataset, cfg,
+                        os.path.join(workdir, "samples", f"step_{step}"))
+  if drawn.path is not None:
+    first = dataset.decode(drawn.samples[0]) if dataset.spec.kind == "text" else None
+    _log(f"step {step}: samples written to {drawn.path}" + (f"\n  {first[:200]!r}" if first else ""))
 
 
 def _report(result: EvalResult, dataset: Dataset, cfg: Config) -> None:

@@ -153,7 +153,8 @@ def _tiny_spec(cfg: config_lib.Config) -> pipeline.DatasetSpec:
 
 def _setup_and_batch(cfg: config_lib.Config, spec: pipeline.DatasetSpec):
   setup = train.make_setup(cfg, spec)
-  local = next(pipeline.SyntheticDataset(spec).train_iterator(cfg.train.batch_size, 0))
+  local, _ = train.model_batch(next(pipeline.SyntheticDataset(spec).train_iterator(
+      cfg.train.batch_size, 0)))
   return setup, sharding.global_batch(local, setup.mesh)
 
 

@@ -22,7 +22,7 @@ import pytest
 
 import released_reference as ref
 from md4 import config as config_lib
-from md4 import convert, model, train
+from md4 import checkpoint, convert, model, train
 from md4.data import pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -230,7 +230,8 @@ def test_md4_convert_writes_a_checkpoint_that_md4_eval_reads(released_run, tmp_p
   cfg = config_lib.from_configdict(_tiny_config())
   spec = pipeline.get_spec(cfg.data)
   setup = train.make_setup(cfg, spec)
-  state, _ = train.Checkpointer(workdir, cfg, read_only=True).restore(train.abstract_state(setup))
+  state = checkpoint.Checkpointer(workdir, cfg, read_only=True).restore(
+      train.abstract_state(setup), setup.tx.init).state
   assert int(state.step) == 200
   z, t = _inputs(spec)
   for params, released in ((state.params, trees[200][0]), (state.ema_params, trees[200][1])):

@@ -186,36 +186,34 @@ def blocks(corpus):
   return ds, {s: _raw_blocks(directory, s, corpus["meta"]) for s in ("train", "valid")}
 
 
-def test_packed_blocks_spec_and_training_examples_read_the_written_blocks(blocks, corpus):
+def test_packed_blocks_spec_and_training_rows_are_the_blocks_they_name(blocks, corpus):
   ds, raw = blocks
   assert ds.spec.vocab_size == 120 and ds.spec.example_shape == (SEQ,)
   assert (ds.spec.kind, ds.spec.unit) == ("text", "token")
-  index = np.arange(3 * len(raw["train"]) - 5, 3 * len(raw["train"]) + 7, dtype=np.int64)
-  x = ds.train_example(7, index)["x"]
-  assert x.dtype == np.int32 and x.shape == (len(index), SEQ)
-  np.testing.assert_array_equal(x, raw["train"][ds.train_blocks(7, index)])
+  assert ds.name == "toy" and ds.num_train_records() == len(raw["train"])
+  batch = next(ds.train_iterator(12, seed=7))
+  assert batch["x"].dtype == np.int32 and batch["x"].shape == (12, SEQ)
+  np.testing.assert_array_equal(batch["x"], raw["train"][batch["source_index"]])
   text = ds.decode(raw["valid"][0])
   assert isinstance(text, str) and "doc" in text
   bits, what = ds.baseline()
   assert 0 < bits < np.log2(120) and what
 
 
-def test_train_example_is_deterministic_in_seed_and_index(blocks, corpus):
+def test_stream_is_deterministic_in_seed_and_survives_pickling(blocks, corpus):
   ds, _ = blocks
-  index = np.array([0, 5, 1000, 3, 5], np.int64)
-  a = ds.train_example(1, index)["x"]
-  np.testing.assert_array_equal(a, ds.train_example(1, index)["x"])
+  a = next(ds.train_iterator(8, seed=1))
+  np.testing.assert_array_equal(a["x"], next(ds.train_iterator(8, seed=1))["x"])
   fresh = pickle.loads(pickle.dumps(documents.PackedBlocks(corpus["data_dir"], "toy", SEQ)))
-  np.testing.assert_array_equal(a, fresh.train_example(1, index)["x"])
-  np.testing.assert_array_equal(a[1], a[4])
-  assert not np.array_equal(ds.train_blocks(1, index), ds.train_blocks(2, index))
+  np.testing.assert_array_equal(a["x"], next(fresh.train_iterator(8, seed=1))["x"])
+  assert not np.array_equal(a["source_index"], next(ds.train_iterator(8, seed=2))["source_index"])
 
 
 def test_each_block_is_seen_once_per_epoch(blocks):
   ds, raw = blocks
   n = len(raw["train"])
-  assert ds.num_train_blocks == n
-  epochs = [ds.train_blocks(4, np.arange(e * n, (e + 1) * n)) for e in range(3)]
+  it = ds.train_iterator(1, seed=4)
+  epochs = [np.array([next(it)["source_index"][0] for _ in range(n)]) for _ in range(3)]
   for b in epochs:
     np.testing.assert_array_equal(np.sort(b), np.arange(n))
   assert not np.array_equal(epochs[0], epochs[1])
@@ -225,17 +223,33 @@ def test_two_processes_draw_disjoint_blocks_within_an_epoch(blocks):
   ds, raw = blocks
   n, global_batch = len(raw["train"]), 8
   steps = n // global_batch
-  seen = []
-  for p in range(2):
-    it = ds.train_iterator(global_batch, seed=9, process_index=p, process_count=2)
-    xs = np.concatenate([next(it)["x"] for _ in range(steps)])
-    idx = np.concatenate([np.arange(s * global_batch + p * 4, s * global_batch + p * 4 + 4)
-                          for s in range(steps)])
-    blocks_p = ds.train_blocks(9, idx)
-    np.testing.assert_array_equal(xs, raw["train"][blocks_p])
-    seen.append(set(blocks_p.tolist()))
+  single = ds.train_iterator(global_batch, seed=9)
+  iters = [ds.train_iterator(global_batch, seed=9, process_index=p, process_count=2)
+           for p in range(2)]
+  seen = [set(), set()]
+  for _ in range(steps):
+    expected = next(single)
+    local = [next(it) for it in iters]
+    np.testing.assert_array_equal(np.concatenate([b["x"] for b in local]), expected["x"])
+    for p, b in enumerate(local):
+      np.testing.assert_array_equal(b["x"], raw["train"][b["source_index"]])
+      seen[p] |= set(b["source_index"].tolist())
   assert len(seen[0]) == len(seen[1]) == steps * 4
   assert not seen[0] & seen[1]
+
+
+def test_describe_example_names_the_shard_record_and_tokens(blocks, corpus):
+  ds, raw = blocks
+  meta = corpus["meta"]["splits"]["train"]
+  directory = os.path.abspath(os.path.join(corpus["data_dir"], "toy"))
+  block = len(raw["train"]) - 1  # The last block, in the last shard.
+  shard = os.path.join(directory, meta["shards"][-1])
+  assert len(meta["shards"]) > 1  # The fixture writes 50 blocks per shard.
+  before = 50 * (len(meta["shards"]) - 1)
+  assert ds.describe_example("train", block) == (
+      f"toy train block {block} ({shard}, record {block - before}; tokens "
+      f"[{block * SEQ}, {(block + 1) * SEQ}) of the train split)")
+  assert ds.describe_example("test", 0).startswith("toy valid block 0 (")
 
 
 def test_eval_scores_every_real_valid_token_once_in_order(blocks, corpus):

@@ -262,35 +262,47 @@ def test_spec_matches_the_dataset(cifar, prepared):
     assert spec == images.TfdsImages(name, prepared.data_dir).spec
 
 
-def test_train_examples_have_the_spec_shape_dtype_and_range(cifar):
-  batch = cifar.train_example(3, np.arange(6, dtype=np.int64))
+def test_train_batches_have_the_spec_shape_dtype_and_range(cifar):
+  batch = next(cifar.train_iterator(6, seed=3))
   assert batch["x"].shape == (6, 32, 32, 3) and batch["x"].dtype == np.int32
   assert batch["label"].shape == (6,) and batch["label"].dtype == np.int32
   assert batch["x"].min() >= 0 and batch["x"].max() < 256
   assert batch["label"].min() >= 0 and batch["label"].max() < 10
+  rows = cifar.read_train(batch["source_index"])  # Each row is the image its source_index names.
+  np.testing.assert_array_equal(rows["x"], batch["x"])
+  np.testing.assert_array_equal(rows["label"], batch["label"])
 
 
-def test_train_example_is_deterministic_in_seed_and_index(cifar, prepared):
-  index = np.array([17, 3, 45, 3, 0], np.int64)
-  first = cifar.train_example(5, index)
+def test_train_stream_is_deterministic_in_seed(cifar, prepared):
+  first = next(cifar.train_iterator(5, seed=5))
   fresh = images.TfdsImages("cifar10", prepared.data_dir)
-  for batch in (cifar.train_example(5, index), fresh.train_example(5, index)):
+  for batch in (next(cifar.train_iterator(5, seed=5)), next(fresh.train_iterator(5, seed=5))):
     np.testing.assert_array_equal(batch["x"], first["x"])
     np.testing.assert_array_equal(batch["label"], first["label"])
-  np.testing.assert_array_equal(first["x"][1], first["x"][3])  # Same index, same example.
-  other_seed = cifar.train_example(6, np.arange(20, dtype=np.int64))
-  assert not np.array_equal(other_seed["x"], cifar.train_example(5, np.arange(20))["x"])
+  other_seed = next(cifar.train_iterator(20, seed=6))
+  assert not np.array_equal(other_seed["x"], next(cifar.train_iterator(20, seed=5))["x"])
 
 
 def test_each_epoch_visits_every_training_example_once_in_a_new_order(cifar, prepared):
   n = cifar.num_train_examples
   assert n == 5 * _CIFAR_PER_FILE
+  it = cifar.train_iterator(n, seed=1)
   orders = []
-  for epoch in range(3):
-    batch = cifar.train_example(1, np.arange(epoch * n, (epoch + 1) * n, dtype=np.int64))
+  for _ in range(3):
+    batch = next(it)
     assert _identities(batch) == prepared.cifar_written["train"]
     orders.append(batch["x"])
   assert not np.array_equal(orders[0], orders[1]) and not np.array_equal(orders[1], orders[2])
+
+
+def test_describe_example_names_the_array_record_shard_and_record(cifar):
+  text = cifar.describe_example("train", 5)
+  match = re.fullmatch(r"cifar10 train image 5 \(array_record shard (\S+), record 5\)", text)
+  assert match and os.path.isfile(match.group(1)), text
+  assert "cifar10-train.array_record-" in match.group(1)
+  assert "cifar10-test.array_record-" in cifar.describe_example("valid", 2)
+  with pytest.raises(ValueError, match="past the end"):
+    cifar.describe_example("train", cifar.num_train_examples)
 
 
 def test_two_processes_draw_disjoint_examples_that_cover_the_epoch(cifar, prepared):
@@ -324,7 +336,7 @@ def test_imagenet64_is_downsampled_imagenet_read_pixel_exact_without_labels(prep
   imagenet = images.TfdsImages("imagenet64", prepared.data_dir)
   n = imagenet.num_train_examples
   assert n == _DOWNSAMPLED_TRAIN
-  train = imagenet.train_example(0, np.arange(n))
+  train = imagenet.read_train(np.arange(n))
   assert set(train) == {"x"}
   assert collections.Counter(x.astype(np.uint8).tobytes() for x in train["x"]) == (
       prepared.imagenet_written["train"])
@@ -339,7 +351,7 @@ def test_imagenet64_resized_reads_the_images_and_zero_based_labels_of_the_npz_fi
   imagenet = images.TfdsImages("imagenet64_resized", prepared.data_dir)
   n = imagenet.num_train_examples
   assert n == sum(_IMAGENET_TRAIN)
-  assert _identities(imagenet.train_example(0, np.arange(n))) == prepared.resized_written["train"]
+  assert _identities(imagenet.read_train(np.arange(n))) == prepared.resized_written["train"]
   assert imagenet.num_eval_examples("test") == _IMAGENET_VAL
   assert (_identities(imagenet.eval_example("test", np.arange(_IMAGENET_VAL)))
           == prepared.resized_written["validation"])
@@ -348,13 +360,12 @@ def test_imagenet64_resized_reads_the_images_and_zero_based_labels_of_the_npz_fi
 
 
 def test_pickled_dataset_reopens_and_reads_the_same(cifar):
-  index = np.arange(30, 37, dtype=np.int64)
+  index = np.arange(7, dtype=np.int64)
   clone = pickle.loads(pickle.dumps(cifar))
-  assert clone._sources is None  # Only the name and directory travel.
-  np.testing.assert_array_equal(clone.train_example(2, index)["x"],
-                                cifar.train_example(2, index)["x"])
-  np.testing.assert_array_equal(clone.eval_example("test", index - 30)["label"],
-                                cifar.eval_example("test", index - 30)["label"])
+  assert clone._sources is None  # No open data source travels.
+  np.testing.assert_array_equal(clone.read_train(index)["x"], cifar.read_train(index)["x"])
+  np.testing.assert_array_equal(clone.eval_example("test", index)["label"],
+                                cifar.eval_example("test", index)["label"])
 
 
 def test_reading_works_with_tensorflow_unimportable(prepared, monkeypatch):
@@ -376,7 +387,7 @@ def test_reading_works_with_tensorflow_unimportable(prepared, monkeypatch):
             "import numpy as np\n"
             "from md4.data import images\n"
             f"ds = images.TfdsImages('cifar10', {prepared.data_dir!r})\n"
-            "b = ds.train_example(0, np.arange(ds.num_train_examples))\n"
+            "b = ds.read_train(np.arange(ds.num_train_examples))\n"
             "e = ds.eval_example('test', np.arange(ds.num_eval_examples('test')))\n"
             "assert b['x'].shape == (20, 32, 32, 3) and e['x'].shape == (7, 32, 32, 3)\n"
             "assert 'tensorflow' not in sys.modules\n"
@@ -389,8 +400,9 @@ def test_reading_works_with_tensorflow_unimportable(prepared, monkeypatch):
 def test_grain_worker_processes_draw_the_same_batches(cifar):
   """A grain worker process gets the dataset pickled and reopens it: the batches do not change."""
   it = cifar.train_iterator(global_batch=4, seed=1, num_workers=1)
-  for step in range(6):
-    expected = cifar.train_example(1, np.arange(4 * step, 4 * step + 4, dtype=np.int64))
-    batch = next(it)
-    np.testing.assert_array_equal(batch["x"], expected["x"])
-    np.testing.assert_array_equal(batch["label"], expected["label"])
+  in_process = cifar.train_iterator(global_batch=4, seed=1)
+  for _ in range(6):
+    expected, batch = next(in_process), next(it)
+    for key in ("x", "label", "source_index"):
+      np.testing.assert_array_equal(batch[key], expected[key])
+  it.close()

@@ -218,7 +218,8 @@ def test_a_causal_transformer_sees_no_later_token():
 @pytest.mark.parametrize("changes,message", [
     ({"model.objective": "autoregressive"}, "needs .*model.net.causal=True"),
     ({"model.net": dict(causal=True)}, "a causal network cannot denoise"),
-    ({"model.objective": "next_token"}, "model.objective must be"),
+    ({"model.objective": "next_token"},
+     "model.objective='next_token' is invalid; valid: 'diffusion'"),
 ])
 def test_objective_combinations_are_checked(changes, message):
   config = tiny.get_config()

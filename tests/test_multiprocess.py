@@ -19,7 +19,7 @@ import pytest
 
 from configs import tiny
 from md4 import config as config_lib
-from md4 import distributed, train
+from md4 import checkpoint, distributed, train
 from md4.data import pipeline
 from md4.metric_writer import read_metrics
 
@@ -77,7 +77,8 @@ def _train_records(records):
 
 
 def _restore_final(workdir, cfg, setup):
-  state, _ = train.Checkpointer(workdir, cfg, read_only=True).restore(train.abstract_state(setup))
+  state = checkpoint.Checkpointer(workdir, cfg, read_only=True).restore(
+      train.abstract_state(setup), setup.tx.init).state
   return state
 
 

@@ -84,7 +84,8 @@ def _one_step(cfg, batch_np, mesh=None):
 def test_gradient_accumulation_equals_the_large_batch():
   cfg1 = tiny_cfg()
   cfg4 = tiny_cfg(**{"train.grad_accum_steps": 4})
-  batch = next(pipeline.load(cfg1.data).train_iterator(cfg1.train.batch_size, 0))
+  batch, _ = train.model_batch(next(pipeline.load(cfg1.data).train_iterator(
+      cfg1.train.batch_size, 0)))
   (s1, m1), (s4, m4) = _one_step(cfg1, batch), _one_step(cfg4, batch)
   np.testing.assert_allclose(m1["loss"], m4["loss"], rtol=1e-6)
   np.testing.assert_allclose(m1["grad_norm"], m4["grad_norm"], rtol=1e-5)
@@ -95,7 +96,8 @@ def test_gradient_accumulation_equals_the_large_batch():
 def test_genmd4_trains_its_exponents():
   cfg = tiny_cfg(**{"model.state_dependent": True, "model.power_init": 1.0,
                     "optimizer.warmup_steps": 0})
-  batch = next(pipeline.load(cfg.data).train_iterator(cfg.train.batch_size, 0))
+  batch, _ = train.model_batch(next(pipeline.load(cfg.data).train_iterator(
+      cfg.train.batch_size, 0)))
   state, metrics = _one_step(cfg, batch)
   raw = np.asarray(state.params["schedule"]["raw_power"])
   assert raw.shape == (27,) and math.isfinite(float(metrics["loss"]))
@@ -188,7 +190,8 @@ from md4 import config as config_lib, sharding, train
 from md4.data import pipeline
 cfg = config_lib.from_configdict(tiny.get_config())
 assert jax.device_count() == 2
-batch = next(pipeline.load(cfg.data).train_iterator(cfg.train.batch_size, 0))
+local = next(pipeline.load(cfg.data).train_iterator(cfg.train.batch_size, 0))
+batch, _ = train.model_batch(local)
 def one_step(mesh):
   setup = train.make_setup(cfg, pipeline.get_spec(cfg.data), mesh)
   state = train.create_state(setup)

@@ -2,7 +2,7 @@
 
 `prepare_documents` reads documents from local files in the formats of the public dumps, splits
 them into train / valid, tokenizes them, and packs each split into fixed-length blocks written as
-ArrayRecord shards; `PackedBlocks` serves those blocks as a `pipeline.Dataset`.
+ArrayRecord shards; `PackedBlocks` serves those blocks as a `base.Dataset`.
 
 Inputs: files, directories (searched recursively) or glob patterns, expanded and sorted by path.
   *.parquet          one document per row of the column "text" (read in bounded batches);
@@ -30,7 +30,6 @@ Layout under data_dir/<name>/ (written to a hidden temporary directory, renamed 
 
 from __future__ import annotations
 
-import functools
 import glob
 import gzip
 import hashlib
@@ -40,10 +39,11 @@ import shutil
 import uuid
 from typing import Any, Iterator, Sequence
 
+import grain
 import numpy as np
 import tqdm
 
-from md4.data import pipeline
+from md4.data import base
 from md4.data import tokenizers
 
 FORMAT_VERSION = 1
@@ -358,11 +358,6 @@ def prepare_documents(name: str, inputs: Sequence[str], data_dir: str, *, tokeni
 # Loading.
 
 
-@functools.lru_cache(maxsize=2)
-def _epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
-  return np.random.default_rng([seed, epoch]).permutation(n)
-
-
 def _meta_tokenizer(meta: dict, directory: str) -> tokenizers.Tokenizer:
   if "tokenizer_file" in meta:  # A SentencePiece model copied beside the data.
     return tokenizers.get_tokenizer("sentencepiece:" + os.path.join(directory,
@@ -380,13 +375,11 @@ def prepared_tokenizer(data_dir: str, name: str) -> tokenizers.Tokenizer | None:
     return _meta_tokenizer(json.load(f), directory)
 
 
-class PackedBlocks(pipeline.Dataset):
+class PackedBlocks(base.Dataset):
   """Blocks written by `prepare_documents`, read by random access through grain.
 
-  Training: the global example index i is block perm_e[i % N] of epoch e = i // N, where N is the
-  number of training blocks and perm_e = np.random.default_rng([seed, e]).permutation(N); so every
-  block is seen once per epoch and disjoint index sets (processes) get disjoint blocks.
-  Training uses every block, the padded last one included.
+  Training record r is training block r; the stream (`base`) sees every block once per epoch, the
+  padded last one included.
   Evaluation scores every real token of the "valid" split once: its full blocks in order
   (`eval_example`), then the real tokens of a padded last block as one shorter sequence
   (`eval_tail`); padding is never scored. "test" is an alias of "valid" (the dumps have no test
@@ -394,7 +387,6 @@ class PackedBlocks(pipeline.Dataset):
   """
 
   def __init__(self, data_dir: str, name: str, seq_length: int):
-    import grain  # pylint: disable=g-import-not-at-top
     self.directory = os.path.join(data_dir, name)
     meta_path = os.path.join(self.directory, "meta.json")
     if not os.path.isfile(meta_path):
@@ -412,7 +404,8 @@ class PackedBlocks(pipeline.Dataset):
     self.seq_length = seq_length
     self.dtype = np.dtype(self.meta["dtype"]).newbyteorder("<")
     self.tokenizer = _meta_tokenizer(self.meta, self.directory)
-    self.spec = pipeline.DatasetSpec(self.meta["vocab_size"], (seq_length,), "text", "token")
+    self.name = name
+    self.spec = base.DatasetSpec(self.meta["vocab_size"], (seq_length,), "text", "token")
     self._sources = {}
     for split in SPLITS:
       info = self.meta["splits"][split]
@@ -439,21 +432,30 @@ class PackedBlocks(pipeline.Dataset):
     out = np.frombuffer(b"".join(records), self.dtype).reshape(len(keys), self.seq_length)
     return out.astype(np.int32)
 
-  def train_blocks(self, seed: int, index: np.ndarray) -> np.ndarray:
-    """int64[n] block ids of the global example indices `index` (int64[n], >= 0)."""
-    index = np.asarray(index, np.int64)
-    if index.size and index.min() < 0:
-      raise ValueError(f"example indices must be non-negative, got {index.min()}")
-    n = self.num_train_blocks
-    epochs, pos = index // n, index % n
-    blocks = np.empty_like(index)
-    for epoch in np.unique(epochs):
-      sel = epochs == epoch
-      blocks[sel] = _epoch_permutation(int(seed), int(epoch), n)[pos[sel]]
-    return blocks
+  def num_train_records(self):
+    return self.num_train_blocks
 
-  def train_example(self, seed, index):
-    return {"x": self._read("train", self.train_blocks(seed, index))}
+  def read_train(self, index):
+    return {"x": self._read("train", index)}
+
+  def _shard_of(self, split: str, block: int) -> tuple[str, int]:
+    """(absolute path of the shard holding `block` of the split, the block's record in it)."""
+    record = block
+    for name in self.meta["splits"][split]["shards"]:
+      path = os.path.abspath(os.path.join(self.directory, name))
+      n = len(grain.sources.ArrayRecordDataSource([path]))
+      if record < n:
+        return path, record
+      record -= n
+    raise ValueError(f"{split} block {block} is past the end of {self.directory}'s shards")
+
+  def describe_example(self, split, source_index):
+    if split != "train":
+      split = self._eval_split(split)
+    path, record = self._shard_of(split, int(source_index))
+    start = int(source_index) * self.seq_length
+    return (f"{self.name} {split} block {source_index} ({path}, record {record}; tokens "
+            f"[{start}, {start + self.seq_length}) of the {split} split)")
 
   def _eval_split(self, split: str) -> str:
     if split not in ("valid", "test"):

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
-from md4.data import pipeline
+from md4.data import base
 
 _IMAGENET64_TARS = ("train_64x64.tar", "valid_64x64.tar")
 _IMAGENET64_RESIZED_ZIPS = ("Imagenet64_train_part1_npz.zip", "Imagenet64_train_part2_npz.zip",
@@ -119,29 +119,28 @@ def prepare_images(name: str, data_dir: str, *, manual_dir: str | None = None) -
           "splits": {split: info.num_examples for split, info in builder.info.splits.items()}}
 
 
-class TfdsImages(pipeline.Dataset):
-  """A prepared tfds image dataset, read by random access; training walks a permutation per epoch.
+class TfdsImages(base.Dataset):
+  """A prepared tfds image dataset, read by random access; training record r is train image r.
 
   Examples: {"x": int32[n, H, W, 3] in [0, 256)}, with "label": int32[n] in [0, num_classes) for
   labelled datasets.
   The data sources are opened in the constructor (so a missing dataset fails at once) and again,
-  lazily, after unpickling: a pickled TfdsImages carries only the name and the directory.
+  lazily, after unpickling: a pickled TfdsImages carries no open data source.
   """
 
   def __init__(self, name: str, data_dir: str):
     self.name = name
     self.data_dir = data_dir
     self._info = _source(name)
-    self.spec = pipeline.DatasetSpec(256, self._info.image_shape, "image", "dim",
-                                     self._info.num_classes)
+    self.spec = base.DatasetSpec(256, self._info.image_shape, "image", "dim",
+                                 self._info.num_classes)
     self._sources: dict[str, Any] | None = None
-    self._permutations: dict[tuple[int, int], np.ndarray] = {}
     self.num_train_examples = len(self._split_source("train"))
 
   def __getstate__(self):
+    # The tfds data sources are reopened where the dataset is unpickled (a grain worker process).
     state = dict(self.__dict__)
     state["_sources"] = None
-    state["_permutations"] = {}
     return state
 
   def _open(self) -> dict[str, Any]:
@@ -176,17 +175,7 @@ class TfdsImages(pipeline.Dataset):
                        f"{', '.join(self._info.eval_splits)}")
     return self._info.eval_splits[split]
 
-  def _permutation(self, seed: int, epoch: int) -> np.ndarray:
-    key = (seed, epoch)
-    if key not in self._permutations:
-      # A batch spans at most two epochs: keep the last two permutations (10 MB each on ImageNet).
-      while len(self._permutations) >= 2:
-        self._permutations.pop(next(iter(self._permutations)))
-      self._permutations[key] = np.random.default_rng([seed, epoch]).permutation(
-          self.num_train_examples)
-    return self._permutations[key]
-
-  def _read(self, tfds_split: str, rows: np.ndarray) -> pipeline.Batch:
+  def _read(self, tfds_split: str, rows: np.ndarray) -> base.Batch:
     source = self._split_source(tfds_split)
     examples = source.__getitems__([int(r) for r in rows]) if len(rows) else []
     x = np.empty((len(rows),) + self.spec.example_shape, np.int32)
@@ -199,22 +188,28 @@ class TfdsImages(pipeline.Dataset):
       return {"x": x}
     return {"x": x, "label": np.array([e["label"] for e in examples], np.int32).reshape(-1)}
 
-  def train_example(self, seed: int, index: np.ndarray) -> pipeline.Batch:
-    """index: int64[n], the global example counter; epoch = index // N walks one permutation."""
-    index = np.asarray(index, np.int64)
-    if index.ndim != 1 or (index < 0).any():
-      raise ValueError(f"index must be a vector of non-negative counters, got {index!r}")
-    epoch, position = np.divmod(index, self.num_train_examples)
-    rows = np.empty_like(index)
-    for e in np.unique(epoch):
-      where = epoch == e
-      rows[where] = self._permutation(seed, int(e))[position[where]]
-    return self._read("train", rows)
+  def num_train_records(self) -> int:
+    return self.num_train_examples
+
+  def read_train(self, index: np.ndarray) -> base.Batch:
+    return self._read("train", index)
+
+  def describe_example(self, split: str, source_index: int) -> str:
+    tfds_split = "train" if split == "train" else self._eval_split(split)
+    info = tfds.builder(self._info.tfds_name, data_dir=self.data_dir).info.splits[tfds_split]
+    record = int(source_index)
+    for path, n in zip(info.filepaths, info.shard_lengths):
+      if record < n:
+        return (f"{self.name} {split} image {source_index} (array_record shard {path}, record "
+                f"{record})")
+      record -= n
+    raise ValueError(f"{split} image {source_index} is past the end of {self.name} in "
+                     f"{self.data_dir} ({info.num_examples} images)")
 
   def num_eval_examples(self, split: str) -> int:
     return len(self._split_source(self._eval_split(split)))
 
-  def eval_example(self, split: str, index: np.ndarray) -> pipeline.Batch:
+  def eval_example(self, split: str, index: np.ndarray) -> base.Batch:
     tfds_split = self._eval_split(split)
     index = np.asarray(index, np.int64)
     n = len(self._split_source(tfds_split))

@@ -195,11 +195,14 @@ def prepare(data_dir: str, source: str | None = None) -> dict:
   return meta
 
 
+def prepared_file(data_dir: str, split: str) -> str:
+  """The path of a prepared split's ids: data_dir/text8/<split>.npy."""
+  return os.path.join(data_dir, "text8", f"{split}.npy")
+
+
 def read_prepared(data_dir: str) -> Text8Splits:
   """The prepared splits, memory-mapped."""
-  out = os.path.join(data_dir, "text8")
-  if not os.path.exists(os.path.join(out, "meta.json")):
+  if not os.path.exists(os.path.join(data_dir, "text8", "meta.json")):
     raise ValueError(f"dataset 'text8' is not prepared in {data_dir!r}: run `md4 prepare text8 "
                      f"--data_dir={data_dir}` (--source=PATH/text8.zip to use a local copy)")
-  return Text8Splits(*(np.load(os.path.join(out, f"{name}.npy"), mmap_mode="r")
-                       for name in SPLITS))
+  return Text8Splits(*(np.load(prepared_file(data_dir, name), mmap_mode="r") for name in SPLITS))

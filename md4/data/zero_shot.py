@@ -31,7 +31,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from md4.data import documents, pipeline
+from md4.data import base, documents
 from md4.data.tokenizers import Tokenizer
 
 
@@ -221,14 +221,14 @@ def tokenize(name: str, rows: Sequence[str], tokenizer: Tokenizer, seq_length: i
   return Blocks(stream[:full].reshape(-1, seq_length), stream[full:], len(rows))
 
 
-class ZeroShotSet(pipeline.Dataset):
+class ZeroShotSet(base.Dataset):
   """A tokenised zero-shot test set as an evaluation dataset: split "test" only; every token is
   scored once (the full blocks, then the shorter last block)."""
 
   def __init__(self, name: str, blocks: Blocks, vocab_size: int, seq_length: int):
     self.name = name
     self.data = blocks
-    self.spec = pipeline.DatasetSpec(vocab_size, (seq_length,), "text", "token")
+    self.spec = base.DatasetSpec(vocab_size, (seq_length,), "text", "token")
 
   def _check(self, split: str) -> None:
     if split != "test":
@@ -237,6 +237,13 @@ class ZeroShotSet(pipeline.Dataset):
   def num_eval_examples(self, split):
     self._check(split)
     return len(self.data.blocks)
+
+  def describe_example(self, split, source_index):
+    self._check(split)
+    length = self.spec.example_shape[0]
+    end = min((source_index + 1) * length, self.data.blocks.size + self.data.tail.size)
+    return (f"zero-shot corpus {self.name} test block {source_index} (tokens "
+            f"[{source_index * length}, {end}) of its tokenised rows)")
 
   def eval_example(self, split, index):
     self._check(split)
