@@ -72,6 +72,10 @@ def apply(config: ml_collections.ConfigDict, arg: str | None,
     ValueError: naming an unknown preset and listing the valid ones.
   """
   table: dict[str, Preset] = {"tiny": tiny, **(presets or {})}
+  # Listed so that the command line can set it (an override cannot add a key to model.net):
+  # --config.model.net.remat=dots. "none" is every network's default.
+  if "remat" not in config.model.net:
+    config.model.net.remat = "none"
   if not arg:
     return config
   for name in str(arg).split(","):

@@ -393,33 +393,6 @@ def test_bfloat16_compute_keeps_float32_params_and_logits(name):
   assert max_abs_diff(out, ref) < BF16_RELATIVE_TOLERANCE * float(jnp.max(jnp.abs(ref)))
 
 
-# The UViT rematerialises both the ResBlocks (shared with the UNet) and transformer blocks;
-# one of each is enough, and keeps the two gradient compilations quick.
-@pytest.mark.parametrize(
-    "name,shallow",
-    [("transformer", dict(num_layers=1)), ("uvit", dict(num_layers=1, num_res_blocks=0))],
-)
-def test_remat_gives_same_outputs_and_gradients(name, shallow):
-  model, variables, z, t, _ = active(name, remat=False, **shallow)
-  rematted = make(name, remat=True, **shallow)
-
-  def loss(params, net):
-    logits = net.apply({"params": params}, z, t)
-    return jnp.mean(jax.nn.logsumexp(logits, -1) - logits[..., 0])
-
-  # Jitted, as in training. The values do not depend on XLA's optimisation level, and
-  # level 0 halves the compile time of these two gradient programs.
-  value_and_grad = jax.jit(jax.value_and_grad(loss), static_argnums=1,
-                           compiler_options={"xla_backend_optimization_level": 0})
-  value, grads = value_and_grad(variables["params"], model)
-  value_r, grads_r = value_and_grad(variables["params"], rematted)
-  np.testing.assert_allclose(value_r, value, rtol=1e-6)
-  jax.tree_util.tree_map(
-      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), grads_r, grads
-  )
-  assert max(float(jnp.max(jnp.abs(g))) for g in jax.tree_util.tree_leaves(grads)) > 0
-
-
 # -------------------------------------------------------------------------------- registry
 
 

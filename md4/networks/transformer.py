@@ -20,6 +20,9 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+from md4.networks import remat
 
 Array = jax.Array
 
@@ -384,7 +387,8 @@ class TransformerBlock(nn.Module):
   Given a conditioning vector c, both pre-norms are adaLN-modulated (shift, scale) and both
   branches gated, all from one Dense of act(c) (act = spec.cond_activation). That Dense is
   zero-initialised, so gates are 0 and the block is exactly the identity at init (adaLN-zero, as
-  in DiT). Without c the norms learn their own scale.
+  in DiT). Without c the norms learn their own scale. The two branch outputs, before their gates,
+  are tagged remat.ATTENTION_OUT and remat.MLP_OUT for the "attention_and_mlp" remat policy.
 
   Attributes:
     spec: the BlockSpec.
@@ -422,6 +426,7 @@ class TransformerBlock(nn.Module):
     h = SelfAttention(s.num_heads, s.qkv_bias, s.rope or "interleaved",
                       rate if s.attention_dropout else 0.0, self.deterministic, s.dtype,
                       s.attention_impl, s.causal, name="attn")(h, angles if s.rope else None)
+    h = checkpoint_name(h, remat.ATTENTION_OUT)
     h = branch_dropout(rate, s.dropout, self.deterministic)(h)
     x = x + (gate_a * h if conditioned else h).astype(jnp.float32)
 
@@ -431,6 +436,7 @@ class TransformerBlock(nn.Module):
       h = modulate(h, shift_m, scale_m)
     h = Mlp(s.mlp_dim, s.mlp_type, s.mlp_init_scale, rate, self.deterministic, s.dtype,
             name="mlp")(h)
+    h = checkpoint_name(h, remat.MLP_OUT)
     if s.mlp_type != "gelu":  # The ViT MLP drops out inside.
       h = branch_dropout(rate, s.dropout, self.deterministic)(h)
     return x + (gate_m * h if conditioned else h).astype(jnp.float32)
@@ -471,9 +477,10 @@ class FinalLayer(nn.Module):
                     dtype=self.dtype, name="proj")(h)
 
 
-def block_class(remat: bool) -> type[TransformerBlock]:
-  """TransformerBlock, rematerialised in the backward pass when `remat` (saves memory)."""
-  return nn.remat(TransformerBlock) if remat else TransformerBlock
+def block_class(remat_policy: str) -> type[TransformerBlock]:
+  """TransformerBlock, rematerialised in the backward pass under the named policy (a name in
+  md4.networks.remat.REMAT_POLICIES; "none": not at all)."""
+  return remat.remat_class(TransformerBlock, remat_policy)
 
 
 def mlp_width(ratio: float, d_model: int, multiple: int) -> int:
@@ -519,7 +526,10 @@ class TransformerConfig:
     num_classes: class labels for conditioning; 0 = unconditional.
     dtype: compute dtype ("float32", "bfloat16", "float16" or a jnp dtype); parameters and
       logits are float32 regardless.
-    remat: rematerialise each block in the backward pass.
+    remat: the rematerialisation policy of each block in the backward pass, a name in
+      md4.networks.remat.REMAT_POLICIES: "none", "full", "dots", "dots_no_batch" or
+      "attention_and_mlp". It trades memory for compute; logits and gradients agree with "none"
+      to float rounding.
     rope_base: RoPE wavelength base.
     attention_impl: jax.nn.dot_product_attention implementation: None or "xla" (portable),
       "cudnn" (fused flash attention on NVIDIA GPUs; needs bf16/fp16 dtype).
@@ -550,7 +560,7 @@ class TransformerConfig:
   time_conditioning: bool = True
   num_classes: int = 0
   dtype: Any = jnp.float32
-  remat: bool = False
+  remat: str = "none"
   rope_base: float = 10_000.0
   attention_impl: str | None = None
   causal: bool = False
@@ -565,6 +575,7 @@ class TransformerConfig:
     for name, choices in (("mlp_type", MLP_TYPES), ("norm", NORMS), ("rope", ROPE_LAYOUTS),
                           ("dropout", DROPOUT_KINDS), ("cond_activation", COND_ACTIVATIONS)):
       check_choice(name, getattr(self, name), choices)
+    remat.check_remat(self.remat)
     if self.d_model % (2 * self.num_heads):
       raise ValueError(
           f"d_model={self.d_model} must be divisible by 2 * num_heads={2 * self.num_heads} "

@@ -18,6 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from md4.networks import remat
 from md4.networks.transformer import (
     ConditionEmbedding,
     check_common_fields,
@@ -166,7 +167,7 @@ class ResNetEnds:
   def __init__(self, cfg: Any, train: bool, cond_mode: str):
     self.cfg = cfg
     self.cond_mode = cond_mode
-    self._block_cls = nn.remat(ResBlock) if cfg.remat else ResBlock
+    self._block_cls = remat.remat_class(ResBlock, cfg.remat)
     self._train = train
     self.skips: list[Array] = []
 
@@ -216,7 +217,9 @@ class UNetConfig:
     num_classes: class labels for conditioning; 0 = unconditional.
     dtype: compute dtype ("float32", "bfloat16", "float16" or a jnp dtype); parameters and
       logits are float32 regardless.
-    remat: rematerialise each ResBlock in the backward pass.
+    remat: the rematerialisation policy of each ResBlock in the backward pass, a name in
+      md4.networks.remat.REMAT_POLICIES ("none": none). ResBlocks tag no values, so
+      "attention_and_mlp" keeps nothing in them, as "full".
     attention_impl: jax.nn.dot_product_attention implementation: None or "xla" (portable),
       "cudnn" (fused flash attention on NVIDIA GPUs; needs bf16/fp16 dtype).
   """
@@ -232,7 +235,7 @@ class UNetConfig:
   time_conditioning: bool = True
   num_classes: int = 0
   dtype: Any = jnp.float32
-  remat: bool = False
+  remat: str = "none"
   attention_impl: str | None = None
 
   def __post_init__(self):
@@ -241,6 +244,7 @@ class UNetConfig:
                    norm_groups=self.norm_groups)
     if self.num_res_blocks < 0:
       raise ValueError(f"num_res_blocks must be >= 0, got {self.num_res_blocks!r}")
+    remat.check_remat(self.remat)
     for divisor in ("num_heads", "norm_groups"):
       if self.features % getattr(self, divisor):
         raise ValueError(

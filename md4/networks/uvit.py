@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from md4.networks import remat
 from md4.networks.transformer import (
     BlockSpec,
     ConditionEmbedding,
@@ -84,7 +85,10 @@ class UViTConfig:
     num_classes: class labels for conditioning; 0 = unconditional.
     dtype: compute dtype ("float32", "bfloat16", "float16" or a jnp dtype); parameters and
       logits are float32 regardless.
-    remat: rematerialise each ResBlock and transformer block in the backward pass.
+    remat: the rematerialisation policy of each ResBlock and transformer block in the backward
+      pass, a name in md4.networks.remat.REMAT_POLICIES ("none": none). Under
+      "attention_and_mlp" the transformer blocks keep their tagged branch outputs and the ResBlocks,
+      which tag nothing, keep nothing.
     attention_impl: jax.nn.dot_product_attention implementation: None or "xla" (portable),
       "cudnn" (fused flash attention on NVIDIA GPUs; needs bf16/fp16 dtype).
   """
@@ -103,7 +107,7 @@ class UViTConfig:
   time_conditioning: bool = True
   num_classes: int = 0
   dtype: Any = jnp.float32
-  remat: bool = False
+  remat: str = "none"
   attention_impl: str | None = None
 
   def __post_init__(self):
@@ -120,6 +124,7 @@ class UViTConfig:
       raise ValueError(
           f"features={self.features} must be divisible by norm_groups={self.norm_groups}"
       )
+    remat.check_remat(self.remat)
     if self.d_model % self.num_heads or self.d_model % 4:
       raise ValueError(f"d_model={self.d_model} must be divisible by num_heads={self.num_heads} "
                        "and by 4 (the 2D sin-cos position table)")
