@@ -30,10 +30,18 @@ def check_config(cfg: Config, spec: DatasetSpec | None = None, *, num_devices: i
                             ("sample.time_grid", s.time_grid, sampling.TIME_GRIDS)):
     if value not in valid:
       raise ValueError(f"{key}={value!r} is invalid; valid: {', '.join(valid)}")
-  if s.method == "first_hitting" and m.state_dependent:
-    raise ValueError("sample.method='first_hitting' needs a state-independent schedule and "
+  if s.method in sampling.STATE_INDEPENDENT_ONLY and m.state_dependent:
+    raise ValueError(f"sample.method={s.method!r} needs a state-independent schedule and "
                      "model.state_dependent=True (GenMD4) has per-token schedules; valid methods "
-                     f"for GenMD4: {', '.join(x for x in sampling.METHODS if x != 'first_hitting')}")
+                     "for GenMD4: " + ", ".join(x for x in sampling.METHODS
+                                               if x not in sampling.STATE_INDEPENDENT_ONLY))
+  try:
+    sampling.check_options(m.state_dependent, method=s.method, num_steps=s.num_steps,
+                           temperature=s.temperature, remask_eta=s.remask_eta,
+                           remask_strategy=s.remask_strategy, remask_t_on=s.remask_t_on,
+                           remask_t_off=s.remask_t_off)
+  except ValueError as e:  # Its messages name the sampler's arguments: the keys of cfg.sample.
+    raise ValueError(f"in config.sample: {e}") from None
   if s.reuse_unchanged and network.config.time_conditioning:
     raise ValueError("sample.reuse_unchanged=True reuses a network call across times, which is exact "
                      "only for a network that ignores t; this one conditions on time "
@@ -42,11 +50,28 @@ def check_config(cfg: Config, spec: DatasetSpec | None = None, *, num_devices: i
   if s.reuse_unchanged and s.method == "first_hitting":
     raise ValueError("sample.reuse_unchanged applies to the grid samplers (ancestral, euler, mean); "
                      "first_hitting calls the network once per revealed token already")
+  check_guidance(cfg)
   splits = pipeline.eval_splits(cfg.data)
   if cfg.eval.split not in splits:
     raise ValueError(f"eval.split={cfg.eval.split!r} is not a split of dataset "
                      f"{cfg.data.dataset!r}; valid: {', '.join(splits)}")
   check_batches(cfg, num_devices=num_devices, num_processes=num_processes)
+
+
+def check_guidance(cfg: Config) -> None:
+  """Label dropout and guidance both need the null class of a class-conditional network."""
+  net = cfg.model.net
+  needs = ("a class-conditional network with a null class: model.net.num_classes > 0 and "
+           "model.net.null_class=True")
+  have = (f"model.net.num_classes={net.get('num_classes', 0)}, "
+          f"model.net.null_class={net.get('null_class', False)}")
+  if cfg.train.label_drop > 0 and model.null_label(cfg) is None:
+    raise ValueError(f"train.label_drop={cfg.train.label_drop} replaces labels by the null class, "
+                     f"which needs {needs}; this config has {have}")
+  if cfg.sample.guidance_scale != 1.0 and model.null_label(cfg) is None:
+    raise ValueError(f"sample.guidance_scale={cfg.sample.guidance_scale} combines the conditional "
+                     f"and the null-class (unconditional) model, which needs {needs}, trained with "
+                     f"train.label_drop > 0; this config has {have} (1.0: no guidance)")
 
 
 def check_batches(cfg: Config, *, num_devices: int, num_processes: int) -> None:

@@ -65,6 +65,10 @@ class TrainConfig:
   batch_size: int = 64  # Global, over all devices and processes.
   num_steps: int = 100_000
   grad_accum_steps: int = 1  # Microbatches per step; gradients are averaged.
+  # Probability that an example's label is replaced by the null class (model.net.null_class) in a
+  # training step: one model learns the conditional and the unconditional denoiser (classifier-free
+  # guidance). Evaluation always uses the true labels.
+  label_drop: float = 0.0
   compute_dtype: str = "float32"  # "float32" or "bfloat16"; parameters stay float32.
   mesh_fsdp: int = 1  # Devices along the fsdp axis (parameters sharded); the rest form "data".
   log_every: int = 100
@@ -94,6 +98,15 @@ class SampleConfig:
   top_p: float = 1.0  # 1.0: no nucleus filtering.
   time_grid: str = "uniform"
   reuse_unchanged: bool = False  # Skip network calls on unchanged steps (time-free networks only).
+  temperature: float = 1.0  # maskgit only: candidates' and confidence noise's temperature.
+  # remdm only (md4.sampling.sample): remasking probability, "cap" or "loop", the loop's window.
+  remask_eta: float = 0.0
+  remask_strategy: str = "cap"
+  remask_t_on: float = 0.55
+  remask_t_off: float = 0.05
+  # Classifier-free guidance: log p_u + w (log p_c - log p_u), renormalised, with p_u the null-class
+  # model. 0: the unconditional model, 1: the conditional one (no guidance), > 1: guided.
+  guidance_scale: float = 1.0
   use_ema: bool = True
 
 
@@ -169,6 +182,7 @@ _RANGES: tuple[tuple[str, Any, str], ...] = (
     ("train.batch_size", lambda v: v >= 1, ">= 1"),
     ("train.num_steps", lambda v: v >= 1, ">= 1"),
     ("train.grad_accum_steps", lambda v: v >= 1, ">= 1"),
+    ("train.label_drop", lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
     ("train.mesh_fsdp", lambda v: v >= 1, ">= 1"),
     ("train.log_every", lambda v: v >= 1, ">= 1"),
     ("train.eval_every", lambda v: v >= 0, ">= 0 (0: no periodic evaluation)"),
@@ -183,6 +197,8 @@ _RANGES: tuple[tuple[str, Any, str], ...] = (
     ("sample.num_samples", lambda v: v >= 1, ">= 1"),
     ("sample.num_steps", lambda v: v >= 1, ">= 1"),
     ("sample.top_p", lambda v: 0.0 < v <= 1.0, "in (0, 1] (1: no nucleus filtering)"),
+    ("sample.guidance_scale", lambda v: v >= 0.0 and math.isfinite(v),
+     ">= 0 (0: the unconditional model, 1: the conditional one, > 1: guided)"),
 )
 
 # String fields with a fixed set of values, checked here; registries that live in other modules
@@ -275,7 +291,7 @@ def state_fingerprint(cfg: Config) -> dict[str, Any]:
 TRAINING_KEYS = ("optimizer.lr", "optimizer.warmup_steps", "optimizer.decay", "optimizer.min_lr_ratio",
                  "optimizer.b1", "optimizer.b2", "optimizer.adam_eps", "optimizer.weight_decay",
                  "optimizer.grad_clip_norm", "optimizer.ema_decay", "train.grad_accum_steps",
-                 "train.num_steps")
+                 "train.num_steps", "train.label_drop")
 
 
 def training_settings(cfg: Config) -> dict[str, Any]:

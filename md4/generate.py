@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from md4 import model, sampling
+from md4 import checks, model, sampling
 from md4.config import Config
 from md4.data import text8
 from md4.data.pipeline import Dataset, DatasetSpec
@@ -27,27 +27,28 @@ def _check_text8(spec: DatasetSpec, what: str) -> None:
                      f"has vocabulary {spec.vocab_size} over {spec.kind}")
 
 
-def prompt_init(spec: DatasetSpec, prompt: str, num_samples: int, mask_id: int) -> np.ndarray:
-  """int32[N, L]: the prompt's characters first, every later position mask_id (the model's
-  vocab_size)."""
+def prompt_init(spec: DatasetSpec, prompt: str, num_samples: int, mask_id: int,
+                length: int | None = None) -> np.ndarray:
+  """int32[N, length]: the prompt's characters first, every later position mask_id (the model's
+  vocab_size). length: default the model's sequence length."""
   _check_text8(spec, "--prompt")
   ids = text8.encode(prompt)
-  length = spec.example_shape[0]
+  length = length or spec.example_shape[0]
   if len(ids) > length:
-    raise ValueError(f"the prompt has {len(ids)} characters; the model's sequences have {length}")
+    raise ValueError(f"the prompt has {len(ids)} characters; the samples have {length}")
   init = np.full((num_samples, length), mask_id, np.int32)
   init[:, :len(ids)] = ids
   return init
 
 
-def infill_init(spec: DatasetSpec, template: str, num_samples: int, mask_id: int) -> np.ndarray:
-  """int32[N, L]: the template with each '_' set to mask_id (the model's vocab_size); positions past
-  its end are generated too."""
+def infill_init(spec: DatasetSpec, template: str, num_samples: int, mask_id: int,
+                length: int | None = None) -> np.ndarray:
+  """int32[N, length]: the template with each '_' set to mask_id (the model's vocab_size); positions
+  past its end are generated too. length: default the model's sequence length."""
   _check_text8(spec, "--infill")
-  length = spec.example_shape[0]
+  length = length or spec.example_shape[0]
   if len(template) > length:
-    raise ValueError(f"the template has {len(template)} characters; the model's sequences have "
-                     f"{length}")
+    raise ValueError(f"the template has {len(template)} characters; the samples have {length}")
   if BLANK not in template:
     raise ValueError(f"the infill template has no blank {BLANK!r} to fill")
   row = np.full(length, mask_id, np.int32)
@@ -58,24 +59,46 @@ def infill_init(spec: DatasetSpec, template: str, num_samples: int, mask_id: int
 
 
 class Sampler:
-  """Draws samples with cfg.sample's method; compiled once per instance."""
+  """Draws samples with cfg.sample's method; compiled once per instance.
 
-  def __init__(self, network: nn.Module, cfg: Config):
+  sample.guidance_scale w (a class-conditional model with a null class when w != 1): 1 samples the
+  conditional model; 0 the unconditional one, with the null class in place of every label; any other
+  w the classifier-free guided p_u^(1 - w) p_c^w (model.guided_denoiser). A guided denoiser call is
+  one network call on the doubled batch [z; z]: SampleResult.num_calls counts it once, as it counts
+  the calls of w = 0 or 1, though each costs about twice as much.
+  """
+
+  def __init__(self, network: nn.Module, cfg: Config, *, window: int | None = None):
+    """window: None samples init's shape whole; an int samples text of any length in blocks
+    (sampling.sample_blocks) of the model's sequence length, each seeing the `window` tokens
+    before it."""
+    checks.check_guidance(cfg)
     self.cfg = cfg
-    self._run = jax.jit(functools.partial(self._sample, network=network, cfg=cfg))
+    self._run = jax.jit(functools.partial(self._sample, network=network, cfg=cfg, window=window))
 
   @staticmethod
-  def _sample(params, rng, init, labels, *, network, cfg):
+  def _sample(params, rng, init, labels, *, network, cfg, window):
     s = cfg.sample
-    denoise_fn = model.denoiser(network, params, labels)
+    scale, null = s.guidance_scale, model.null_label(cfg)
+    if scale == 1.0:
+      denoise_fn = model.denoiser(network, params, labels)
+    elif scale == 0.0:  # Exactly the null-class model, at the cost of one batch.
+      denoise_fn = model.denoiser(network, params, jnp.full_like(labels, null))
+    else:
+      denoise_fn = model.guided_denoiser(network, params, labels, null=null, scale=scale)
     if cfg.model.extra_tokens:  # Ids that never occur in the data are never drawn.
       real = jnp.arange(cfg.model.vocab_size) < cfg.model.vocab_size - cfg.model.extra_tokens
       denoise_fn = lambda z, t, f=denoise_fn: jnp.where(real, f(z, t), -jnp.inf)
-    return sampling.sample_with_info(
-        denoise_fn, rng, init, model.make_schedule(cfg.model, params),
-        vocab_size=cfg.model.vocab_size, num_steps=s.num_steps, method=s.method,
-        top_p=None if s.top_p >= 1.0 else s.top_p, time_grid_kind=s.time_grid,
-        reuse_unchanged=s.reuse_unchanged)
+    options = dict(vocab_size=cfg.model.vocab_size, num_steps=s.num_steps, method=s.method,
+                   top_p=None if s.top_p >= 1.0 else s.top_p, time_grid_kind=s.time_grid,
+                   reuse_unchanged=s.reuse_unchanged, temperature=s.temperature,
+                   remask_eta=s.remask_eta, remask_strategy=s.remask_strategy,
+                   remask_t_on=s.remask_t_on, remask_t_off=s.remask_t_off)
+    schedule = model.make_schedule(cfg.model, params)
+    if window is None:
+      return sampling.sample_with_info(denoise_fn, rng, init, schedule, **options)
+    return sampling.sample_blocks(denoise_fn, rng, init, schedule, seq_length=cfg.data.seq_length,
+                                  window=window, **options)
 
   @staticmethod
   def _args(params, rng, init, labels):
@@ -115,9 +138,12 @@ def draw(sampler: Sampler, params, rng: jax.Array, dataset: Dataset, cfg: Config
   return Drawn(samples, int(result.num_calls), path)
 
 
-def unconditional_init(spec: DatasetSpec, num_samples: int, mask_id: int) -> np.ndarray:
-  """int32[N, *S], every position mask_id (the model's vocab_size)."""
-  return np.full((num_samples,) + spec.example_shape, mask_id, np.int32)
+def unconditional_init(spec: DatasetSpec, num_samples: int, mask_id: int,
+                       length: int | None = None) -> np.ndarray:
+  """int32[N, *S] (int32[N, length] for text given a length), every position mask_id (the model's
+  vocab_size)."""
+  shape = spec.example_shape if length is None else (length,)
+  return np.full((num_samples,) + shape, mask_id, np.int32)
 
 
 def default_labels(spec: DatasetSpec, num_samples: int, conditional: bool) -> np.ndarray | None:

@@ -4,7 +4,8 @@
   md4 eval   [--config=...] [--workdir=...] [--checkpoint_step=N] [--split=valid]
              [--zero_shot=NAME --source=FILES | --zero_shot=all --source=NAME=FILE,...]
   md4 sample [--config=...] [--workdir=...] [--checkpoint_step=N] [--prompt=TEXT | --infill=TEMPLATE]
-             [--output=PATH_STEM] [--judge=DIR] [--sweep_steps=64,128,... --sweep_methods=...]
+             [--length=N [--window=W]] [--output=PATH_STEM] [--judge=DIR]
+             [--sweep_steps=64,128,... --sweep_methods=...]
   md4 prepare DATASET --data_dir=DIR [--source=FILES] [dataset options]
   md4 info   [--config=...]          parameters, per-module counts, data, FLOPs; allocates nothing
   md4 convert --from_reference=DIR [--config=...] [--workdir=...] [--checkpoint_step=N]
@@ -66,12 +67,19 @@ _SWEEP_STEPS = flags.DEFINE_list(
     "sweep_steps", None, "sample: numbers of steps to sweep (e.g. 64,128,256,1024), printing a "
     "table and a PNG of generative perplexity, entropy and wall time per sampler; needs --judge.")
 _SWEEP_METHODS = flags.DEFINE_list(
-    "sweep_methods", None, "sample --sweep_steps: the samplers (default: ancestral, euler, mean, "
-    "first_hitting; GenMD4 has no first_hitting).")
+    "sweep_methods", None, "sample --sweep_steps: the samplers, names of md4.sweep.SAMPLERS "
+    "(default: all that apply: ancestral, euler, mean, first_hitting, maskgit, maskgit_greedy, "
+    "remdm_cap, remdm_loop; GenMD4 only the first three).")
 _SWEEP_GRIDS = flags.DEFINE_list(
     "sweep_grids", None, "sample --sweep_steps: the time grids, uniform and/or cosine (default: "
     "config.sample.time_grid).")
 _INFILL = flags.DEFINE_string("infill", None, "sample: template whose '_' characters are filled.")
+_LENGTH = flags.DEFINE_integer(
+    "length", None, "sample: tokens per text sample, beyond the model's sequence length if wanted: "
+    "blocks left to right, each conditioned on the last --window tokens before it.")
+_WINDOW = flags.DEFINE_integer(
+    "window", None, "sample --length: tokens of context each later block sees (default: half the "
+    "model's sequence length).")
 _OUTPUT = flags.DEFINE_string("output", None,
                               "sample: output path without extension (default: workdir/samples/).")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "prepare: where to write the prepared dataset.")
@@ -232,6 +240,8 @@ def _sample(cfg, workdir):
   if (_SWEEP_METHODS.value or _SWEEP_GRIDS.value) and not _SWEEP_STEPS.value:
     raise ValueError("--sweep_methods and --sweep_grids go with --sweep_steps")
   conditioned = _PROMPT.value is not None or _INFILL.value is not None
+  if _LENGTH.value is not None and _SWEEP_STEPS.value:
+    raise ValueError("--sweep_steps samples the model's own length; leave out --length")
   if conditioned and (_SWEEP_STEPS.value or _JUDGE.value):
     raise ValueError("--judge and --sweep_steps score unconditional samples, not --prompt or "
                      "--infill ones (the judge would score the given text too)")
@@ -252,17 +262,22 @@ def _sample(cfg, workdir):
   spec, n = dataset.spec, cfg.sample.num_samples
   if sweep_steps:
     return _sweep(cfg, workdir, loaded, dataset, params, rng, judge, sweep_steps)
+  length, window = _length_and_window(spec)
   init = None
   if _PROMPT.value is not None:
-    init = generate.prompt_init(spec, _PROMPT.value, n, cfg.model.vocab_size)
+    init = generate.prompt_init(spec, _PROMPT.value, n, cfg.model.vocab_size, length)
   elif _INFILL.value is not None:
-    init = generate.infill_init(spec, _INFILL.value, n, cfg.model.vocab_size)
+    init = generate.infill_init(spec, _INFILL.value, n, cfg.model.vocab_size, length)
+  elif length is not None:
+    init = generate.unconditional_init(spec, n, cfg.model.vocab_size, length)
   stem = _OUTPUT.value or os.path.join(workdir, "samples", f"sample_step_{int(state.step)}")
-  drawn = generate.draw(generate.Sampler(loaded.network, cfg), params, rng, dataset, cfg, stem,
-                        init)
+  drawn = generate.draw(generate.Sampler(loaded.network, cfg, window=window), params, rng, dataset,
+                        cfg, stem, init)
   if jax.process_index() != 0:
     return
-  print(f"{n} samples ({cfg.sample.method}, {drawn.num_calls} network calls) -> {drawn.path}")
+  how = cfg.sample.method + (f", blocks of {spec.example_shape[0]} with a window of {window}"
+                             if window is not None else "")
+  print(f"{n} samples ({how}, {drawn.num_calls} network calls) -> {drawn.path}")
   if spec.kind == "text":
     for s in drawn.samples:
       print(repr(dataset.decode(s)))
@@ -272,6 +287,24 @@ def _sample(cfg, workdir):
     print(f"judge: {judge.description}\n{_GEN_PPL_DEFINITION}\ngenerative perplexity "
           f"{score.perplexity:.4g} over {score.num_tokens} judge tokens; unigram entropy "
           f"{judge_lib.unigram_entropy(drawn.samples):.4g} nats (mean over samples)")
+
+
+def _length_and_window(spec) -> tuple[int | None, int | None]:
+  """--length and --window checked against the model: (None, None) samples the model's length."""
+  if _LENGTH.value is None:
+    if _WINDOW.value is not None:
+      raise ValueError("--window goes with --length")
+    return None, None
+  if spec.kind != "text":
+    raise ValueError(f"--length applies to text models; this one models {spec.kind}s")
+  seq_length = spec.example_shape[0]
+  if _LENGTH.value < 1:
+    raise ValueError(f"--length={_LENGTH.value} must be >= 1")
+  window = seq_length // 2 if _WINDOW.value is None else _WINDOW.value
+  if not 0 <= window < seq_length:
+    raise ValueError(f"--window={window} must be in [0, {seq_length - 1}]: each block is the "
+                     f"model's {seq_length} tokens, the window of context among them")
+  return _LENGTH.value, window
 
 
 _GEN_PPL_DEFINITION = (
@@ -290,11 +323,10 @@ def _load_judge():
 def _sweep(cfg, workdir, loaded, dataset, params, rng, judge, steps):
   import jax
 
-  from md4 import generate, model, sampling, sweep
+  from md4 import generate, model, sweep
   state = loaded.state
   labels = generate.default_labels(dataset.spec, cfg.sample.num_samples, model.is_conditional(cfg))
-  methods = _SWEEP_METHODS.value or [m for m in sampling.METHODS
-                                     if not (cfg.model.state_dependent and m == "first_hitting")]
+  methods = _SWEEP_METHODS.value or sweep.default_samplers(cfg)
   rows = sweep.run(loaded.network, cfg, params, dataset, judge, steps, methods,
                    _SWEEP_GRIDS.value or [cfg.sample.time_grid], rng, labels)
   if jax.process_index() != 0:

@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from md4 import autoregressive, elbo, networks, schedules
+from md4 import autoregressive, elbo, networks, sampling, schedules
 from md4.config import Config, ModelConfig
 from md4.data.pipeline import DatasetSpec
 
@@ -84,6 +84,23 @@ def class_labels(cfg: Config, batch) -> jax.Array | None:
   return batch.get("label") if is_conditional(cfg) else None
 
 
+def null_label(cfg: Config) -> int | None:
+  """The null class's label ("no class": num_classes) of a network built with null_class; None
+  when the network has none."""
+  net = cfg.model.net
+  return net.get("num_classes", 0) if net.get("null_class", False) and is_conditional(cfg) else None
+
+
+def drop_labels(labels: jax.Array, key: jax.Array, rate: float, null: int) -> jax.Array:
+  """labels: int32[B] with each entry replaced by `null` with probability `rate`, independently.
+
+  One draw per example of the global batch, so the result does not depend on how the batch is
+  split over devices or microbatches.
+  """
+  drop = jax.random.bernoulli(key, rate, labels.shape)
+  return jnp.where(drop, jnp.asarray(null, labels.dtype), labels)
+
+
 def denoiser(network: nn.Module, params: Params, cond: jax.Array | None = None, *,
              dropout_rng: jax.Array | None = None):
   """denoise_fn(z: int32[B, *S], t: float32[B]) -> float32[B, *S, V]; dropout on iff dropout_rng."""
@@ -96,6 +113,24 @@ def denoiser(network: nn.Module, params: Params, cond: jax.Array | None = None, 
       # GenMD4's training loss stacks two masked copies of the batch, [z1; z2], in one call.
       c = jnp.tile(c, z.shape[0] // c.shape[0])
     return network.apply({"params": params["net"]}, z, t, cond=c, train=train, rngs=rngs)
+
+  return denoise_fn
+
+
+def guided_denoiser(network: nn.Module, params: Params, cond: jax.Array, *, null: int,
+                    scale: float):
+  """Classifier-free guidance: denoise_fn(z: int32[B, *S], t: float32[B]) -> float32[B, *S, V]
+  log-probabilities of p_u^(1 - scale) p_c^scale, renormalised (sampling.guided_logits), where p_c is
+  the network given the labels cond: int32[B] and p_u given the null class `null` ("no class").
+
+  Both come from one network call on the doubled batch [z; z] with labels [cond; null], so a
+  sampler's num_calls counts each guided call once (a call of twice the batch).
+  """
+  both = denoiser(network, params, jnp.concatenate([cond, jnp.full_like(cond, null)]))
+
+  def denoise_fn(z, t):
+    logits_c, logits_u = jnp.split(both(jnp.concatenate([z, z]), jnp.concatenate([t, t])), 2)
+    return sampling.guided_logits(logits_c, logits_u, scale)
 
   return denoise_fn
 

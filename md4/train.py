@@ -14,6 +14,7 @@ import math
 import os
 import signal
 import time
+import zlib
 from typing import Any, Callable, NamedTuple
 
 import flax
@@ -98,6 +99,11 @@ def _microbatch_loss(params, x, label, keys, times, dropout_rng, *, setup: Setup
   return losses.mean() / setup.spec.tokens_per_example  # nats per token
 
 
+# Label dropout's key is fold_in(step key, this): folded in, not split off, so that the step's other
+# draws are the same with and without it (and a resumed run replays it, as it does them).
+_LABEL_DROP_STREAM = zlib.crc32(b"label_drop") & 0x7FFFFFFF
+
+
 def _split_microbatches(tree, num: int):
   """[B, ...] -> [num, B / num, ...], microbatch a = examples a, a + num, ...: each microbatch is
   spread over all devices, as the batch is."""
@@ -112,9 +118,13 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, setup: Setup
   b = batch["x"].shape[0]
   step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
   k_examples, k_times, k_dropout = jax.random.split(step_key, 3)
+  label = model.class_labels(cfg, batch)
+  if cfg.train.label_drop > 0:  # checks.check_config: only with a null class.
+    label = model.drop_labels(label, jax.random.fold_in(step_key, _LABEL_DROP_STREAM),
+                              cfg.train.label_drop, model.null_label(cfg))
   per_example = {
       "x": batch["x"],
-      "label": model.class_labels(cfg, batch),
+      "label": label,
       "keys": jax.vmap(lambda i: jax.random.fold_in(k_examples, i))(jnp.arange(b)),
       "times": elbo.sample_times(k_times, b),
   }

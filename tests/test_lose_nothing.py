@@ -48,7 +48,7 @@ BAD_SETTINGS = [
     ({"sample.top_p": 0.0}, r"sample.top_p=0.0 is invalid; valid: in \(0, 1\]"),
     ({"sample.reuse_unchanged": True}, r"sample.reuse_unchanged=True .* conditions on time"),
     ({"model.state_dependent": True, "sample.method": "first_hitting"},
-     r"first_hitting.*GenMD4.*valid methods for GenMD4: ancestral, euler, mean"),
+     r"first_hitting.*GenMD4.*valid methods for GenMD4: ancestral, euler, mean$"),
     ({"model.power_init": 0.0}, r"model.power_init=0.0 is invalid; valid: > 0"),
     ({"model.power_init": -1.0}, r"model.power_init=-1.0 is invalid; valid: > 0"),
     ({"model.schedule": "cosin"}, r"unknown schedule.*cosin"),
@@ -71,6 +71,24 @@ BAD_SETTINGS = [
      r"train.batch_size=6 must be a multiple of train.grad_accum_steps=4"),
     ({"train.compute_dtype": "float16"}, r"train.compute_dtype='float16' is invalid"),
     ({"data.dataset": "shakespear"}, r"unknown dataset 'shakespear'; valid: shakespeare"),
+    ({"train.label_drop": 1.0}, r"train.label_drop=1.0 is invalid; valid: in \[0, 1\)"),
+    ({"train.label_drop": 0.1}, r"train.label_drop=0.1 .* needs a class-conditional network with "
+                                r"a null class"),
+    ({"sample.guidance_scale": -1.0}, r"sample.guidance_scale=-1.0 is invalid; valid: >= 0"),
+    ({"sample.guidance_scale": 2.0}, r"sample.guidance_scale=2.0 .* needs a class-conditional "
+                                     r"network with a null class"),
+    ({"model.net.null_class": True}, r"null_class=True needs num_classes > 0"),
+    ({"sample.method": "first_hitting", "sample.remask_eta": 0.1},
+     r"in config.sample: remask_eta=0.1 applies to method='remdm' only"),
+    ({"sample.method": "remdm", "sample.remask_strategy": "loops"},
+     r"in config.sample: unknown remask_strategy 'loops'; valid: cap, loop"),
+    ({"sample.method": "remdm", "sample.remask_t_on": 0.1, "sample.remask_t_off": 0.2},
+     r"remask_t_on and remask_t_off must satisfy 1 >= remask_t_on > remask_t_off >= 0"),
+    ({"sample.temperature": 0.5}, r"temperature=0.5 applies to method='maskgit' only"),
+    ({"sample.method": "maskgit", "sample.temperature": -1.0},
+     r"temperature must be a finite float >= 0, got -1.0"),
+    ({"model.state_dependent": True, "sample.method": "remdm"},
+     r"sample.method='remdm' needs a state-independent schedule.*GenMD4: ancestral, euler, mean$"),
 ]
 
 
@@ -119,7 +137,7 @@ def trained(tmp_path_factory):
 CLI_CASES = [
     (["train", "--config.sample.method=ancestrl", "--config.train.sample_every=2"],
      "md4 train: error: sample.method='ancestrl' is invalid; valid: ancestral, euler, mean, "
-     "first_hitting"),
+     "first_hitting, maskgit, remdm"),
     (["train", "--config.optimizer.lr=-0.1"],
      "md4 train: error: optimizer.lr=-0.1 is invalid; valid: >= 0"),
     (["train", "--config.eval.split=nope"],
@@ -132,6 +150,11 @@ CLI_CASES = [
     (["sample", "--config.model.power_init=0.0", "--config.model.state_dependent=True"],
      "md4 sample: error: model.power_init=0.0 is invalid; valid: > 0"),
     (["train", "--config.train.nonsense=1"], "unknown config key 'nonsense'"),
+    (["sample", "--length=40", "--window=16"],
+     "md4 sample: error: --window=16 must be in [0, 15]"),
+    (["sample", "--window=4"], "md4 sample: error: --window goes with --length"),
+    (["sample", "--config.sample.guidance_scale=2.0"],
+     "md4 sample: error: sample.guidance_scale=2.0 combines the conditional and the null-class"),
 ]
 
 

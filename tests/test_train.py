@@ -151,6 +151,16 @@ def test_cli_train_sample_and_eval(tmp_path):
     assert len(line) == 16
     assert all(c == t for c, t in zip(line, template) if t != "_")
     assert "_" not in line
+  # Longer than the model's 16 characters: blocks of 16, each seeing the 8 before it, from a prompt.
+  out = subprocess.run(MD4 + ["sample"] + common + [
+      "--prompt=to be", "--length=40", "--window=8", "--config.sample.method=remdm",
+      "--config.sample.remask_eta=0.1", "--config.sample.num_steps=5",
+      f"--output={tmp_path}/long"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+  assert out.returncode == 0, out.stderr
+  # 40 = 16 + 3 blocks of 8 new characters; 5 steps each.
+  assert "(remdm, blocks of 16 with a window of 8, 20 network calls)" in out.stdout
+  lines = open(f"{tmp_path}/long.txt").read().splitlines()
+  assert len(lines) == 2 and all(len(line) == 40 and line.startswith("to be") for line in lines)
   out = subprocess.run(MD4 + ["eval"] + common + ["--checkpoint_step=3"], capture_output=True,
                        text=True, env=env, cwd=ROOT, timeout=300)
   assert out.returncode == 0, out.stderr

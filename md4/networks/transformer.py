@@ -20,6 +20,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from md4.networks import remat
@@ -68,11 +69,14 @@ def check_choice(name: str, value: Any, choices: tuple) -> None:
 
 def check_common_fields(
     *, num_classes: int, dropout_rate: float, dtype: Any, attention_impl: str | None,
-    cond_dim: int
+    cond_dim: int, null_class: bool = False
 ) -> jnp.dtype:
   """Validates the fields every network config shares; returns the canonical dtype."""
   if num_classes < 0:
     raise ValueError(f"num_classes must be >= 0, got {num_classes!r}")
+  if null_class and num_classes == 0:
+    raise ValueError("null_class=True needs num_classes > 0: the null class is the extra label "
+                     "num_classes ('no class') of a class-conditional network; got num_classes=0")
   if not 0.0 <= dropout_rate < 1.0:
     raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate!r}")
   if cond_dim < 4 or cond_dim % 2:
@@ -86,17 +90,21 @@ def check_common_fields(
 
 
 def check_inputs(
-    z: Array, t: Array, cond: Array | None, *, num_classes: int, z_ndim: int, z_desc: str
+    z: Array, t: Array, cond: Array | None, *, num_classes: int, z_ndim: int, z_desc: str,
+    null_class: bool = False
 ) -> None:
-  """Checks shapes of the denoiser inputs (static, so this is free under jit).
+  """Checks shapes of the denoiser inputs (static, so this is free under jit), and the label values
+  when they are concrete (an eager call: a traced value cannot be read).
 
   Args:
     z: int[B, *S] tokens, checked to have rank `z_ndim`.
     t: float[B] diffusion times.
-    cond: int[B] class labels, required iff num_classes > 0.
+    cond: int[B] class labels in [0, num_classes), or [0, num_classes] with null_class; required
+      iff num_classes > 0.
     num_classes: number of classes of the network (0 = unconditional).
     z_ndim: expected rank of z.
     z_desc: how the expected z shape is written in the error message.
+    null_class: whether label num_classes (the null class, "no class") is valid.
   """
   if z.ndim != z_ndim:
     raise ValueError(f"z must be {z_desc}, got shape {z.shape}")
@@ -118,6 +126,16 @@ def check_inputs(
     raise ValueError(f"cond must have shape ({batch},) to match z, got {jnp.shape(cond)}")
   if not jnp.issubdtype(jnp.result_type(cond), jnp.integer):
     raise ValueError(f"cond must hold integer class labels, got dtype {jnp.result_type(cond)}")
+  if not isinstance(cond, jax.core.Tracer):
+    # Under jit an out-of-range id would be gathered silently (NaN or a clamped row).
+    limit = num_classes + int(null_class)
+    values = np.asarray(cond)  # numpy: jnp ops would be staged (tracers) inside a trace.
+    if values.size and (int(values.min()) < 0 or int(values.max()) >= limit):
+      what = (f"[0, {num_classes}] ({num_classes} is the null class)" if null_class else
+              f"[0, {num_classes}) (label {num_classes} is the null class only with "
+              "null_class=True)")
+      raise ValueError(f"cond labels must be in {what}; got values in "
+                       f"[{int(values.min())}, {int(values.max())}]")
 
 
 # ------------------------------------------------------------------------ conditioning
@@ -153,19 +171,22 @@ class ConditionEmbedding(nn.Module):
   Attributes:
     features: size of the conditioning vector.
     time_conditioning: whether t enters the vector.
-    num_classes: size of the class embedding table (0 = no class conditioning).
+    num_classes: number of classes (0 = no class conditioning).
+    null_class: one more table row, for label num_classes: "no class" (classifier-free guidance).
   """
 
   features: int
   time_conditioning: bool
   num_classes: int
+  null_class: bool = False
 
   @nn.compact
   def __call__(self, t: Array, cond: Array | None) -> Array | None:
     """t: float32[B]; cond: int32[B] or None. Returns float32[B, features] or None."""
     y = None
     if self.num_classes > 0:
-      y = nn.Embed(self.num_classes, self.features, name="class_embed")(cond)
+      y = nn.Embed(self.num_classes + int(self.null_class), self.features,
+                   name="class_embed")(cond)
     if not self.time_conditioning:
       return y
     c = timestep_embedding(t * TIME_SCALE, self.features)
@@ -524,6 +545,9 @@ class TransformerConfig:
     embed_dropout: also drop token embeddings (element-wise).
     time_conditioning: condition on t; if False the output does not depend on t at all.
     num_classes: class labels for conditioning; 0 = unconditional.
+    null_class: one more class embedding, label num_classes = "no class", which a model trained
+      with label dropout (train.label_drop) reads as the unconditional model (classifier-free
+      guidance); needs num_classes > 0.
     dtype: compute dtype ("float32", "bfloat16", "float16" or a jnp dtype); parameters and
       logits are float32 regardless.
     remat: the rematerialisation policy of each block in the backward pass, a name in
@@ -559,6 +583,7 @@ class TransformerConfig:
   embed_dropout: bool = True
   time_conditioning: bool = True
   num_classes: int = 0
+  null_class: bool = False
   dtype: Any = jnp.float32
   remat: str = "none"
   rope_base: float = 10_000.0
@@ -583,7 +608,7 @@ class TransformerConfig:
       )
     dtype = check_common_fields(num_classes=self.num_classes, dropout_rate=self.dropout_rate,
                                 dtype=self.dtype, attention_impl=self.attention_impl,
-                                cond_dim=self.conditioning_dim)
+                                cond_dim=self.conditioning_dim, null_class=self.null_class)
     object.__setattr__(self, "dtype", dtype)
 
   @property
@@ -626,16 +651,18 @@ class Transformer(nn.Module):
     Args:
       z: int32[B, L] tokens in [0, vocab_size]; vocab_size is the mask id.
       t: float32[B] diffusion time in [0, 1].
-      cond: int32[B] class labels in [0, num_classes); required iff num_classes > 0.
+      cond: int32[B] class labels in [0, num_classes) (num_classes: the null class, with
+        null_class); required iff num_classes > 0.
       train: enables dropout (needs the 'dropout' rng).
 
     Returns:
       float32[B, L, vocab_size] logits.
     """
     cfg = self.config
-    check_inputs(z, t, cond, num_classes=cfg.num_classes, z_ndim=2, z_desc="int32[B, L]")
+    check_inputs(z, t, cond, num_classes=cfg.num_classes, z_ndim=2, z_desc="int32[B, L]",
+                 null_class=cfg.null_class)
     c = ConditionEmbedding(cfg.conditioning_dim, cfg.time_conditioning, cfg.num_classes,
-                           name="cond_embed")(t, cond)
+                           cfg.null_class, name="cond_embed")(t, cond)
     # The residual stream is float32 so bf16 rounding does not pile up across layers.
     x = nn.Embed(cfg.vocab_size + 1, cfg.embed_dim or cfg.d_model, name="embed")(z)
     if cfg.embed_dim:

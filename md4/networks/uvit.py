@@ -83,6 +83,8 @@ class UViTConfig:
     dropout_rate: dropout rate of ResBlocks and transformer blocks, only with train=True.
     time_conditioning: condition on t; if False the output does not depend on t at all.
     num_classes: class labels for conditioning; 0 = unconditional.
+    null_class: one more class embedding, label num_classes = "no class" (see
+      transformer.TransformerConfig.null_class); needs num_classes > 0.
     dtype: compute dtype ("float32", "bfloat16", "float16" or a jnp dtype); parameters and
       logits are float32 regardless.
     remat: the rematerialisation policy of each ResBlock and transformer block in the backward
@@ -106,6 +108,7 @@ class UViTConfig:
   dropout_rate: float = 0.1
   time_conditioning: bool = True
   num_classes: int = 0
+  null_class: bool = False
   dtype: Any = jnp.float32
   remat: str = "none"
   attention_impl: str | None = None
@@ -130,7 +133,7 @@ class UViTConfig:
                        "and by 4 (the 2D sin-cos position table)")
     dtype = check_common_fields(num_classes=self.num_classes, dropout_rate=self.dropout_rate,
                                 dtype=self.dtype, attention_impl=self.attention_impl,
-                                cond_dim=self.features)
+                                cond_dim=self.features, null_class=self.null_class)
     object.__setattr__(self, "dtype", dtype)
 
   def block_spec(self) -> BlockSpec:
@@ -161,21 +164,23 @@ class UViT(nn.Module):
       z: int32[B, H, W, C] channel tokens in [0, vocab_size]; vocab_size is the mask id.
         H and W must be divisible by patch_size; the position table fixes them at init.
       t: float32[B] diffusion time in [0, 1].
-      cond: int32[B] class labels in [0, num_classes); required iff num_classes > 0.
+      cond: int32[B] class labels in [0, num_classes) (num_classes: the null class, with
+        null_class); required iff num_classes > 0.
       train: enables dropout (needs the 'dropout' rng).
 
     Returns:
       float32[B, H, W, C, vocab_size] logits.
     """
     cfg = self.config
-    check_inputs(z, t, cond, num_classes=cfg.num_classes, z_ndim=4, z_desc="int32[B, H, W, C]")
+    check_inputs(z, t, cond, num_classes=cfg.num_classes, z_ndim=4, z_desc="int32[B, H, W, C]",
+                 null_class=cfg.null_class)
     check_image_inputs(z, cfg.num_channels)
     p = cfg.patch_size
     if z.shape[1] % p or z.shape[2] % p:
       raise ValueError(f"image height and width must be divisible by patch_size={p}, "
                        f"got z of shape {z.shape}")
     c = ConditionEmbedding(cfg.features, cfg.time_conditioning, cfg.num_classes,
-                           name="cond_embed")(t, cond)
+                           cfg.null_class, name="cond_embed")(t, cond)
     ends = ResNetEnds(cfg, train, "norm")
     h = ends.down(z, c)
 
