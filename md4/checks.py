@@ -45,17 +45,23 @@ def check_config(cfg: Config, spec: DatasetSpec | None = None, *, num_devices: i
   if s.reuse_unchanged and network.config.time_conditioning:
     raise ValueError("sample.reuse_unchanged=True reuses a network call across times, which is exact "
                      "only for a network that ignores t; this one conditions on time "
-                     f"(model.net.time_conditioning=True): set model.net.time_conditioning=False "
+                     "(model.net.time_conditioning=True): set model.net.time_conditioning=False "
                      "or sample.reuse_unchanged=False")
   if s.reuse_unchanged and s.method == "first_hitting":
-    raise ValueError("sample.reuse_unchanged applies to the grid samplers (ancestral, euler, mean); "
+    grid_methods = ", ".join(x for x in sampling.METHODS if x != "first_hitting")
+    raise ValueError(f"sample.reuse_unchanged applies to the grid samplers ({grid_methods}); "
                      "first_hitting calls the network once per revealed token already")
   check_guidance(cfg)
-  splits = pipeline.eval_splits(cfg.data)
-  if cfg.eval.split not in splits:
-    raise ValueError(f"eval.split={cfg.eval.split!r} is not a split of dataset "
-                     f"{cfg.data.dataset!r}; valid: {', '.join(splits)}")
+  check_split(cfg, cfg.eval.split, "eval.split")
   check_batches(cfg, num_devices=num_devices, num_processes=num_processes)
+
+
+def check_split(cfg: Config, split: str, key: str) -> None:
+  """`split` (given as `key`) is an evaluation split of cfg's dataset."""
+  splits = pipeline.eval_splits(cfg.data)
+  if split not in splits:
+    raise ValueError(f"{key}={split!r} is not a split of dataset {cfg.data.dataset!r}; "
+                     f"valid: {', '.join(splits)}")
 
 
 def check_guidance(cfg: Config) -> None:

@@ -137,11 +137,8 @@ def _eval(cfg, workdir):
   if _SOURCE.value or _TOKENIZER.value:
     raise ValueError("--source and --tokenizer go with --zero_shot (or md4 prepare)")
   if _SPLIT.value is not None:
-    from md4.data import pipeline
-    splits = pipeline.eval_splits(cfg.data)
-    if _SPLIT.value not in splits:
-      raise ValueError(f"--split={_SPLIT.value!r} is not a split of dataset {cfg.data.dataset!r}; "
-                       f"valid: {', '.join(splits)}")
+    from md4 import checks
+    checks.check_split(cfg, _SPLIT.value, "--split")
   from md4.state import inference_params
   loaded, dataset = _restore_for_inference(cfg, workdir, _STEP.value)
   state = loaded.state
@@ -405,7 +402,8 @@ def main(argv):
     sys.exit(f"md4 {command}: error: {e}")
   except Exception as e:  # pylint: disable=broad-except
     train = sys.modules.get("md4.train")  # Only the trainer raises HookError.
-    if train is not None and isinstance(e, train.HookError):  # The hook's own traceback, then the one line that matters.
+    if train is not None and isinstance(e, train.HookError):
+      # The hook's own traceback, then the one line that matters.
       traceback.print_exception(e.__cause__, file=sys.stderr)
       sys.exit(f"md4 {command}: error: {e}")
     # Several processes: exit now rather than wait for peers that may be gone.

@@ -358,8 +358,9 @@ def check_options(state_dependent: bool, *, num_steps: int, method: str = "ances
            "remdm": "its remasking probabilities need one alpha(t) for every token"}[method]
     raise ValueError(f"{method} needs a state-independent schedule: with StateDependentPoly {why}; "
                      "use ancestral, euler or mean")
-  return SamplerOptions(method, num_steps, top_p, time_grid_kind, reuse_unchanged, float(temperature),
-                  float(remask_eta), remask_strategy, float(remask_t_on), float(remask_t_off))
+  return SamplerOptions(method, num_steps, top_p, time_grid_kind, reuse_unchanged,
+                        float(temperature), float(remask_eta), remask_strategy,
+                        float(remask_t_on), float(remask_t_off))
 
 
 def _sample_first_hitting_opts(denoise_fn, rng, init, schedule, vocab_size, opts):
@@ -514,7 +515,7 @@ def sample_blocks(denoise_fn: DenoiseFn, rng: Array, init: Array, schedule: AnyS
                      f"{window!r}")
   init = jnp.asarray(init, jnp.int32)
   sampler = _SAMPLERS[opts.method]
-  batch, n = init.shape
+  n = init.shape[1]
   if n <= seq_length:
     padded = jnp.pad(init, ((0, 0), (0, seq_length - n)), constant_values=vocab_size)
     out = sampler(denoise_fn, jax.random.fold_in(rng, 0), padded, schedule, vocab_size, opts)

@@ -29,11 +29,17 @@ class TrainState:
 STREAMS = ("init", "eval", "sample_hook", "sample")
 
 
+def fold_in_name(key: jax.Array, name: str) -> jax.Array:
+  """A key derived from `key` by a name (its CRC-32) rather than by a split, so that the draws made
+  from `key`'s other derivations are the same whether or not this one exists."""
+  return jax.random.fold_in(key, zlib.crc32(name.encode()) & 0x7FFFFFFF)
+
+
 def stream_key(seed: int, name: str) -> jax.Array:
   """The key of stream `name` (one of STREAMS) of `seed`."""
   if name not in STREAMS:
     raise ValueError(f"unknown random stream {name!r}; valid: {', '.join(STREAMS)}")
-  return jax.random.fold_in(jax.random.key(seed), zlib.crc32(name.encode()) & 0x7FFFFFFF)
+  return fold_in_name(jax.random.key(seed), name)
 
 
 # What inference reads: "eval" follows cfg.eval.use_ema, "sample" cfg.sample.use_ema.

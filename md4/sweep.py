@@ -26,9 +26,10 @@ from md4 import generate, judge as judge_lib, sampling
 from md4.config import Config
 from md4.data.pipeline import Dataset
 
-# The samplers a sweep compares: sample.* settings under a name. remdm's loop window is ReMDM's
-# (t = 0.55 to 0.05) and eta a small value, neither tuned here; this project's loop holds alpha at
-# alpha(t_on) inside the window (md4.sampling.sample), where ReMDM holds it at 0.9.
+# The samplers a sweep compares: sample.* settings under a name, none tuned here. remdm_loop takes
+# the settings of ReMDM's OpenWebText loop script (eta 0.02, t_on 0.55, t_off 0.05), but this
+# project's loop holds alpha at alpha(t_on) inside the window (md4.sampling.sample) where ReMDM's
+# holds it at its alpha_on = 0.9; remdm_cap uses eta 0.02 where ReMDM's cap script uses 0.008.
 SAMPLERS: dict[str, dict[str, Any]] = {
     "ancestral": dict(method="ancestral"),
     "euler": dict(method="euler"),

@@ -14,8 +14,7 @@ import math
 import os
 import signal
 import time
-import zlib
-from typing import Any, Callable, NamedTuple
+from typing import Callable, NamedTuple
 
 import flax
 import flax.linen as nn
@@ -35,7 +34,7 @@ from md4.data import pipeline
 from md4.data.pipeline import Dataset, DatasetSpec
 from md4.evaluate import EvalResult, Evaluator
 from md4.metric_writer import MetricWriter
-from md4.state import TrainState, inference_params, stream_key
+from md4.state import TrainState, fold_in_name, inference_params, stream_key
 
 
 @flax.struct.dataclass
@@ -99,11 +98,6 @@ def _microbatch_loss(params, x, label, keys, times, dropout_rng, *, setup: Setup
   return losses.mean() / setup.spec.tokens_per_example  # nats per token
 
 
-# Label dropout's key is fold_in(step key, this): folded in, not split off, so that the step's other
-# draws are the same with and without it (and a resumed run replays it, as it does them).
-_LABEL_DROP_STREAM = zlib.crc32(b"label_drop") & 0x7FFFFFFF
-
-
 def _split_microbatches(tree, num: int):
   """[B, ...] -> [num, B / num, ...], microbatch a = examples a, a + num, ...: each microbatch is
   spread over all devices, as the batch is."""
@@ -120,8 +114,9 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, setup: Setup
   k_examples, k_times, k_dropout = jax.random.split(step_key, 3)
   label = model.class_labels(cfg, batch)
   if cfg.train.label_drop > 0:  # checks.check_config: only with a null class.
-    label = model.drop_labels(label, jax.random.fold_in(step_key, _LABEL_DROP_STREAM),
-                              cfg.train.label_drop, model.null_label(cfg))
+    # Folded in by name, not split off: the step's other draws are the same with and without it.
+    label = model.drop_labels(label, fold_in_name(step_key, "label_drop"), cfg.train.label_drop,
+                              model.null_label(cfg))
   per_example = {
       "x": batch["x"],
       "label": label,
