@@ -6,6 +6,7 @@ Tiny networks on a synthetic 3-class text dataset; the file runs in well under a
 import dataclasses
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -258,6 +259,22 @@ def test_guided_sampler_makes_one_call_per_step_on_the_doubled_batch(trained_lik
   assert int(guided.num_calls) == cfg.sample.num_steps
   samples = np.asarray(guided.samples)
   assert samples.shape == init.shape and samples.min() >= 0 and samples.max() < 27
+  # What the network itself sees in one guided call: one batch of 2B rows, labels then null labels.
+  seen = []
+
+  def record(next_fun, args, kwargs, context):
+    if context.method_name == "__call__" and type(context.module) is type(network):
+      seen.append((args[0].shape, np.asarray(kwargs["cond"])))
+    return next_fun(*args, **kwargs)
+
+  denoise_fn = model.guided_denoiser(network, params, jnp.asarray(labels), null=NUM_CLASSES,
+                                     scale=2.0)
+  with nn.intercept_methods(record):
+    denoise_fn(jnp.asarray(init), jnp.full((len(labels),), 0.5))
+  assert len(seen) == 1
+  shape, cond = seen[0]
+  assert shape == (2 * len(labels),) + init.shape[1:]
+  np.testing.assert_array_equal(cond, np.concatenate([labels, np.full_like(labels, NUM_CLASSES)]))
 
 
 # ------------------------------------------------------------------------------ the checks

@@ -131,8 +131,7 @@ def test_memory_table_counts_state_and_batch_and_grows_with_batch(benchmark):
     assert row.argument_bytes == state_bytes + row.batch * spec.tokens_per_example * 4
     # The state is donated: the new state is written over the old one.
     assert row.alias_bytes == state_bytes
-    assert row.total_bytes == (row.argument_bytes + row.output_bytes + row.temp_bytes
-                               - row.alias_bytes)
+    assert row.output_bytes >= state_bytes  # The step returns the new state (and its metrics).
   assert (small.batch, large.batch) == (8, 16)
   assert large.temp_bytes > small.temp_bytes  # Activations grow with the batch.
 

@@ -63,7 +63,7 @@ def test_training_rows_are_the_windows_their_source_index_names(prepared):
   assert batch["source_index"].dtype == np.int64
   for x, start in zip(batch["x"], batch["source_index"]):
     np.testing.assert_array_equal(x, train[start:start + SEQ])
-  assert len(set(batch["source_index"].tolist())) == 200  # Random starts, not a fixed tiling.
+  assert len(set(batch["source_index"].tolist())) == 200  # No window twice within an epoch.
   again = next(ds.train_iterator(200, seed=3))
   np.testing.assert_array_equal(again["x"], batch["x"])  # Seeded.
   assert not np.array_equal(next(ds.train_iterator(200, seed=4))["x"], batch["x"])
