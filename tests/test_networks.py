@@ -19,6 +19,7 @@ from md4.networks.transformer import (
     apply_rope,
     branch_dropout,
     mlp_width,
+    project_features,
     rope_angles,
 )
 from md4.networks.uvit import depth_to_space, sincos_position_table
@@ -324,6 +325,20 @@ def test_attention_with_dropout_matches_the_fused_path_when_nothing_is_dropped()
   dropped = SelfAttention(num_heads=2, dropout_rate=0.5, deterministic=False)
   assert max_abs_diff(dropped.apply(params, x, angles, rngs={"dropout": jax.random.key(2)}),
                       out) > 1e-3
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_logits_at_positions_and_from_features_are_the_full_logits_bitwise(dtype):
+  """The readouts a sampler (logits at revealed positions only) and a chunked loss (features, then
+  the output layer) use are the full network's logits, bit for bit."""
+  model, variables, z, t, _ = active("transformer", output_bias=True, dtype=dtype)
+  full = np.asarray(apply(model, variables, z, t))
+  positions = jnp.array([[0, 5, 5], [3, 1, 0]], jnp.int32)
+  at = model.apply(variables, z, t, positions=positions)
+  np.testing.assert_array_equal(at, np.take_along_axis(full, np.asarray(positions)[..., None], 1))
+  features = model.apply(variables, z, t, features=True)
+  assert features.shape == z.shape + (TINY["transformer"]["d_model"],)
+  np.testing.assert_array_equal(project_features(model.config, variables["params"], features), full)
 
 
 @pytest.mark.parametrize("kind", ["channel", "element"])

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
-from md4.networks import remat
+from md4.networks import attention, remat
 
 Array = jax.Array
 
@@ -33,7 +33,6 @@ ROPE_LAYOUTS = ("interleaved", "halves")
 DROPOUT_KINDS = ("channel", "element")
 COND_ACTIVATIONS = ("sigmoid", "silu")
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
-ATTENTION_IMPLS = (None, "xla", "cudnn")
 
 # t in [0, 1] is stretched to [0, 1000], the range of step indices that sinusoid periods of
 # 2*pi .. 2*pi*1e4 are made for; the fastest features then tell apart times ~1e-3 apart.
@@ -83,9 +82,7 @@ def check_common_fields(
     raise ValueError(f"the conditioning width must be even and >= 4 (sin and cos halves of the "
                      f"time features), got {cond_dim!r}")
   dtype = canonical_dtype(dtype)
-  check_choice("attention_impl", attention_impl, ATTENTION_IMPLS)
-  if attention_impl == "cudnn" and dtype == jnp.float32:
-    raise ValueError("attention_impl='cudnn' needs dtype bfloat16 or float16, got float32")
+  attention.check_impl(attention_impl, dtype)
   return dtype
 
 
@@ -313,10 +310,10 @@ class BlockSpec:
 class SelfAttention(nn.Module):
   """Multi-head self-attention, bidirectional unless `causal`.
 
-  Goes through jax.nn.dot_product_attention, so a config can switch to cuDNN's fused flash-attention
-  kernel on NVIDIA GPUs (attention_impl="cudnn"); when dropout on the attention probabilities is
-  active (training, dropout_rate > 0) the probabilities are formed explicitly instead, since the
-  fused kernels have no dropout.
+  Goes through md4.networks.attention.attend with the implementation named by attention_impl (for
+  instance cuDNN's fused flash-attention kernel on NVIDIA GPUs, "cudnn"); when dropout on the
+  attention probabilities is active (training, dropout_rate > 0) the probabilities are formed
+  explicitly instead, since the fused kernels have no dropout.
 
   Attributes:
     num_heads: number of heads; the input width must be divisible by it.
@@ -325,8 +322,7 @@ class SelfAttention(nn.Module):
     dropout_rate: dropout on the attention probabilities (0: none).
     deterministic: disables dropout.
     dtype: compute dtype.
-    attention_impl: dot_product_attention's `implementation`: None or "xla" (portable),
-      "cudnn" (NVIDIA GPUs, bf16/fp16 only).
+    attention_impl: a name in md4.networks.attention.ATTENTION_IMPLS.
     causal: each position attends only to itself and earlier ones.
   """
 
@@ -352,16 +348,11 @@ class SelfAttention(nn.Module):
     if angles is not None:
       q, k = apply_rope(q, angles, self.rope_layout), apply_rope(k, angles, self.rope_layout)
     if self.dropout_rate > 0 and not self.deterministic:
-      scores = jnp.einsum("bqnh,bknh->bnqk", q, k) / math.sqrt(head_dim)
-      if self.causal:
-        length = x.shape[1]
-        scores = jnp.where(jnp.tril(jnp.ones((length, length), bool)), scores, -jnp.inf)
-      probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1)
+      probs = attention.attention_probs(q, k, self.causal)
       probs = nn.Dropout(self.dropout_rate, deterministic=False)(probs)
       out = jnp.einsum("bnqk,bknh->bqnh", probs.astype(v.dtype), v)
     else:
-      out = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal,
-                                         implementation=self.attention_impl)
+      out = attention.attend(q, k, v, impl=self.attention_impl, causal=self.causal)
     return nn.DenseGeneral(d, axis=(-2, -1), use_bias=False, dtype=self.dtype, name="out")(out)
 
 
@@ -484,8 +475,21 @@ class FinalLayer(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: Array, c: Array | None) -> Array:
-    """x: float32[B, L, D]; c: float32[B, Dc] or None. Returns [B, L, out_features] in dtype."""
+  def __call__(self, x: Array, c: Array | None, positions: Array | None = None,
+               project: bool = True) -> Array:
+    """The layer's output at every position, or at `positions` only.
+
+    Args:
+      x: float32[B, L, D].
+      c: float32[B, Dc] or None.
+      positions: int32[B, K] or None: the output at these positions of each row only (the norm and
+        modulation act per position, so these are the full output's rows, bitwise).
+      project: False returns the features the projection takes ([B, L or K, D]); `project_features`
+        applies the projection to them.
+
+    Returns:
+      [B, L or K, out_features] in dtype, or the features.
+    """
     conditioned = c is not None
     h = make_norm(self.norm, self.norm_eps, learned_scale=not conditioned, dtype=self.dtype,
                   name="norm")(x)
@@ -494,8 +498,18 @@ class FinalLayer(nn.Module):
           cond_activation(self.cond_activation)(c))
       shift, scale = jnp.split(mod[:, None, :], 2, -1)
       h = modulate(h, shift, scale)
-    return nn.Dense(self.out_features, use_bias=self.use_bias, kernel_init=nn.initializers.zeros,
-                    dtype=self.dtype, name="proj")(h)
+    if positions is not None:
+      h = jnp.take_along_axis(h, positions[..., None], axis=1)
+    if not project:
+      return h
+    return output_projection(self.out_features, self.use_bias, self.dtype, name="proj")(h)
+
+
+def output_projection(out_features: int, use_bias: bool, dtype: Any, name: str | None = None
+                      ) -> nn.Dense:
+  """FinalLayer's zero-initialised projection (also applied alone by `project_features`)."""
+  return nn.Dense(out_features, use_bias=use_bias, kernel_init=nn.initializers.zeros, dtype=dtype,
+                  name=name)
 
 
 def block_class(remat_policy: str) -> type[TransformerBlock]:
@@ -555,8 +569,8 @@ class TransformerConfig:
       "attention_and_mlp". It trades memory for compute; logits and gradients agree with "none"
       to float rounding.
     rope_base: RoPE wavelength base.
-    attention_impl: jax.nn.dot_product_attention implementation: None or "xla" (portable),
-      "cudnn" (fused flash attention on NVIDIA GPUs; needs bf16/fp16 dtype).
+    attention_impl: the attention kernel, a name in md4.networks.attention.ATTENTION_IMPLS
+      (None: jax's choice for the backend; "cudnn": fused flash attention on NVIDIA GPUs, bf16/fp16).
     causal: causal attention, for an autoregressive model (model.objective="autoregressive"),
       such as the demo's judge of sample quality; the diffusion models are bidirectional.
   """
@@ -644,9 +658,10 @@ class Transformer(nn.Module):
 
   @nn.compact
   def __call__(
-      self, z: Array, t: Array, *, cond: Array | None = None, train: bool = False
+      self, z: Array, t: Array, *, cond: Array | None = None, train: bool = False,
+      positions: Array | None = None, features: bool = False
   ) -> Array:
-    """Computes logits.
+    """Computes logits (or the output layer's input features).
 
     Args:
       z: int32[B, L] tokens in [0, vocab_size]; vocab_size is the mask id.
@@ -654,9 +669,13 @@ class Transformer(nn.Module):
       cond: int32[B] class labels in [0, num_classes) (num_classes: the null class, with
         null_class); required iff num_classes > 0.
       train: enables dropout (needs the 'dropout' rng).
+      positions: int32[B, K] or None: the output at these positions only (the rows of the full
+        output, bitwise), so the vocabulary-wide output layer runs on K positions instead of L.
+      features: return the output layer's input, [B, L or K, d_model], instead of logits;
+        `project_features` turns them into the logits.
 
     Returns:
-      float32[B, L, vocab_size] logits.
+      float32[B, L or K, vocab_size] logits, or the features.
     """
     cfg = self.config
     check_inputs(z, t, cond, num_classes=cfg.num_classes, z_ndim=2, z_desc="int32[B, L]",
@@ -674,6 +693,15 @@ class Transformer(nn.Module):
     spec = cfg.block_spec()
     for i in range(cfg.num_layers):
       x = block(spec, deterministic=not train, name=f"block_{i}")(x, c, angles)
-    logits = FinalLayer(cfg.vocab_size, cfg.norm, cfg.norm_eps, cfg.cond_activation,
-                        cfg.output_bias, dtype=cfg.dtype, name="final")(x, c)
-    return logits.astype(jnp.float32)
+    out = FinalLayer(cfg.vocab_size, cfg.norm, cfg.norm_eps, cfg.cond_activation,
+                     cfg.output_bias, dtype=cfg.dtype, name="final")(x, c, positions,
+                                                                     project=not features)
+    return out if features else out.astype(jnp.float32)
+
+
+def project_features(config: TransformerConfig, params: Any, h: Array) -> Array:
+  """The output layer alone: float32[..., vocab_size] logits of h: [..., d_model], the features of
+  Transformer(..., features=True) under the network parameters `params` (the "params" collection).
+  Equal to the network's logits at those positions, bitwise: the same layer computes both."""
+  layer = output_projection(config.vocab_size, config.output_bias, config.dtype)
+  return layer.apply({"params": params["final"]["proj"]}, h).astype(jnp.float32)

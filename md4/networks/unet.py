@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from md4.networks import remat
+from md4.networks import attention, remat
 from md4.networks.transformer import (
     ConditionEmbedding,
     check_common_fields,
@@ -149,7 +149,7 @@ class AttentionBlock(nn.Module):
     head_dim = f // self.num_heads
     q, k, v = (nn.DenseGeneral((self.num_heads, head_dim), dtype=self.dtype, name=n)(h)
                for n in ("query", "key", "value"))
-    out = jax.nn.dot_product_attention(q, k, v, implementation=self.attention_impl)
+    out = attention.attend(q, k, v, impl=self.attention_impl)
     out = nn.DenseGeneral(f, axis=(-2, -1), dtype=self.dtype, name="out")(out)
     return x + out.reshape(b, height, width, f).astype(jnp.float32)
 
@@ -222,8 +222,8 @@ class UNetConfig:
     remat: the rematerialisation policy of each ResBlock in the backward pass, a name in
       md4.networks.remat.REMAT_POLICIES ("none": none). ResBlocks tag no values, so
       "attention_and_mlp" keeps nothing in them, as "full".
-    attention_impl: jax.nn.dot_product_attention implementation: None or "xla" (portable),
-      "cudnn" (fused flash attention on NVIDIA GPUs; needs bf16/fp16 dtype).
+    attention_impl: the attention kernel, a name in md4.networks.attention.ATTENTION_IMPLS
+      (None: jax's choice for the backend; "cudnn": fused flash attention on NVIDIA GPUs, bf16/fp16).
   """
 
   vocab_size: int = 256

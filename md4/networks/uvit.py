@@ -91,8 +91,8 @@ class UViTConfig:
       pass, a name in md4.networks.remat.REMAT_POLICIES ("none": none). Under
       "attention_and_mlp" the transformer blocks keep their tagged branch outputs and the ResBlocks,
       which tag nothing, keep nothing.
-    attention_impl: jax.nn.dot_product_attention implementation: None or "xla" (portable),
-      "cudnn" (fused flash attention on NVIDIA GPUs; needs bf16/fp16 dtype).
+    attention_impl: the attention kernel, a name in md4.networks.attention.ATTENTION_IMPLS
+      (None: jax's choice for the backend; "cudnn": fused flash attention on NVIDIA GPUs, bf16/fp16).
   """
 
   vocab_size: int = 256
