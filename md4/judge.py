@@ -1,22 +1,24 @@
 """Judges of sample quality: generative perplexity, and the samples' unigram entropy.
 
 Generative perplexity (the paper's figure of sample quality against sampling steps, after SEDD and
-MDLM): each sample is decoded to text, retokenised with the judge's tokenizer, read after the
-judge's start token (GPT-2's <|endoftext|>), and scored by the judge, a causal language model, with
-float32 matrix products; the generative perplexity is exp(total NLL / total judge tokens) over all
-samples together. A sample that holds end-of-text tokens (a GPT-2-token model's samples may) is cut
-there: each piece is scored as a text of its own, and the end-of-text tokens themselves are not
-scored. A text longer than the judge's context is scored in consecutive windows of `context`
-tokens, each read after the start token. Low perplexity alone can hide degenerate, repetitive samples,
-so the samples' mean unigram entropy is reported beside it.
+MDLM): the samples are scored by a judge, a causal language model run with float32 matrix
+products, under a named protocol (md4/judge_protocols.py): "md4" (this project's, the default),
+"mdlm" (kuleshov-group/mdlm's diffusion.py) or "sedd" (louaaron/Score-Entropy-Discrete-Diffusion's
+run_train.py). They differ in what is retokenised, which tokens are scored, how long texts are
+cut and how the figure is pooled, so only figures of one protocol can be set side by side. Low
+perplexity alone can hide degenerate, repetitive samples, so the samples' mean unigram entropy is
+reported beside it.
 
 Judges (`load_judge`):
   GPT2Judge   a GPT-2 family model in a local Hugging Face directory (config.json,
               model.safetensors, vocab.json, merges.txt; e.g. GPT-2 Large from a user's cache),
-              run in JAX here: no PyTorch.
+              run in JAX here: no PyTorch. Every protocol.
   ModelJudge  an autoregressive model trained by this project (model.objective="autoregressive",
               e.g. configs/judge_demo.py), read from its workdir: for character-level models,
-              where GPT-2 does not apply.
+              where GPT-2 does not apply. The "md4" protocol only (its vocabulary has no end-of-text
+              token).
+Both offer what the protocols need: `position_nll`, the negative log-probability of given targets
+after given inputs, batched on the device.
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import math
 import os
 import re
 from typing import NamedTuple, Protocol, Sequence
@@ -33,30 +34,33 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from md4 import autoregressive
+from md4 import judge_protocols
 from md4.data import text8, tokenizers
 from md4.data.pipeline import DatasetSpec
 
 Array = jax.Array
 
 
-class JudgeScore(NamedTuple):
-  nll: float  # Total nats over all judged tokens.
-  num_tokens: int
-
-  @property
-  def perplexity(self) -> float:
-    return math.exp(self.nll / self.num_tokens) if self.num_tokens else math.nan
+JudgeScore = judge_protocols.JudgeScore
 
 
 class Judge(Protocol):
   description: str
+  context: int  # Tokens the judge reads at once.
+  bos_id: int  # The start token the "md4" protocol reads each window after.
 
   def check_samples(self, spec: DatasetSpec) -> None:
     """Raises ValueError unless the judge can read samples of a model of this dataset spec."""
 
-  def score(self, texts: Sequence[str]) -> JudgeScore:
-    """Generative perplexity's parts over all texts together."""
+  def pieces(self, text: str) -> list[list[int]]:
+    """The judge's tokens of text, as the pieces the "md4" protocol scores separately."""
+
+  def position_nll(self, inputs: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """float32[N, T]: -log p(targets[n, i] | inputs[n, :i + 1]) for int[N, T] rows, T <= context."""
+
+  def score(self, texts: Sequence[str], samples: np.ndarray | None = None,
+            protocol: str = "md4") -> JudgeScore:
+    """The samples' generative perplexity under `protocol` (md4.judge_protocols)."""
 
 
 def unigram_entropy(samples: np.ndarray) -> float:
@@ -72,23 +76,27 @@ def unigram_entropy(samples: np.ndarray) -> float:
   return float(np.mean(entropies))
 
 
-def _windows(ids: Sequence[int], size: int) -> list[list[int]]:
-  return [list(ids[i:i + size]) for i in range(0, len(ids), size)]
+def _token_nll(logits: Array, targets: Array) -> Array:
+  """-log softmax(logits)[targets]: float32[B, T] from logits float[B, T, V], targets int[B, T]."""
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  return -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
 
 
-def _score_windows(nll_fn, windows: list[list[int]], length: int, batch_size: int) -> JudgeScore:
-  """Sums nll_fn over windows padded to `length` in batches; nll_fn(ids, weights) -> float[B]."""
-  total, count = 0.0, 0
-  for start in range(0, len(windows), batch_size):
-    chunk = windows[start:start + batch_size]
-    ids = np.zeros((batch_size, length), np.int32)
-    weights = np.zeros((batch_size, length), np.float32)
-    for i, w in enumerate(chunk):
-      ids[i, :len(w)] = w
-      weights[i, :len(w)] = 1.0
-    total += float(np.sum(np.asarray(nll_fn(jnp.asarray(ids), jnp.asarray(weights)))))
-    count += int(weights.sum())
-  return JudgeScore(total, count)
+def _batched(fn, inputs: np.ndarray, targets: np.ndarray, batch_size: int,
+             length: int) -> np.ndarray:
+  """fn over rows padded to [batch_size, length] (one compiled shape): float32[N, T]."""
+  inputs, targets = np.asarray(inputs, np.int32), np.asarray(targets, np.int32)
+  n, t = inputs.shape
+  if t > length:
+    raise ValueError(f"rows of {t} tokens exceed the judge's context of {length}")
+  out = np.zeros((n, t), np.float32)
+  for start in range(0, n, batch_size):
+    rows = slice(start, min(start + batch_size, n))
+    x = np.zeros((batch_size, length), np.int32)
+    y = np.zeros((batch_size, length), np.int32)
+    x[:rows.stop - start, :t], y[:rows.stop - start, :t] = inputs[rows], targets[rows]
+    out[rows] = np.asarray(fn(jnp.asarray(x), jnp.asarray(y)))[:rows.stop - start, :t]
+  return out
 
 
 # ------------------------------------------------------------------------------------- GPT-2
@@ -208,14 +216,16 @@ class GPT2Judge:
     c = self.config
     self.description = (f"GPT-2 judge {directory} ({c.num_layers} layers, width {c.width}, "
                         f"context {c.context})")
-    bos = self.tokenizer.eos_id
+    self.context = c.context
+    # GPT-2 has no start token of its own: its end-of-text token serves (as in GPT-2's own
+    # training data, where it separates documents).
+    self.bos_id = self.eos_id = self.tokenizer.eos_id
 
     # The weights are an argument, not a closure: jit would bake them into the program.
     @jax.jit
-    def nll(params, ids, weights):
+    def nll(params, inputs, targets):
       with jax.default_matmul_precision("float32"):
-        return autoregressive.nll(lambda inputs: gpt2_logits(params, inputs, c), ids, bos=bos,
-                                  weights=weights)
+        return _token_nll(gpt2_logits(params, inputs, c), targets)
     self._nll = functools.partial(nll, self.params)
 
   def check_samples(self, spec: DatasetSpec) -> None:
@@ -223,14 +233,27 @@ class GPT2Judge:
       raise ValueError(f"a GPT-2 judge reads text; this model makes {spec.kind}s")
 
   def tokenize(self, text: str) -> list[int]:
-    """The judge's tokens of text, end-of-text markers cut out (see the module docstring)."""
-    return [i for piece in text.split(tokenizers.EOS_TEXT) for i in self.tokenizer.encode(piece)]
+    """The judge's tokens of text, end-of-text markers cut out."""
+    return [i for piece in self.pieces(text) for i in piece]
 
-  def score(self, texts: Sequence[str]) -> JudgeScore:
-    size = self.config.context  # The start token takes the place of a window's last token.
-    pieces = [p for text in texts for p in text.split(tokenizers.EOS_TEXT)]
-    windows = [w for p in pieces for w in _windows(self.tokenizer.encode(p), size)]
-    return _score_windows(self._nll, windows, size, self.batch_size)
+  def pieces(self, text: str) -> list[list[int]]:
+    """The tokens of the pieces of text between end-of-text markers."""
+    return [self.tokenizer.encode(piece) for piece in text.split(tokenizers.EOS_TEXT)]
+
+  def encode_with_markers(self, text: str) -> list[int]:
+    """The tokens of text with each end-of-text marker read as the end-of-text token (what a
+    Hugging Face GPT-2 tokenizer does with the literal marker)."""
+    out = []
+    for n, piece in enumerate(text.split(tokenizers.EOS_TEXT)):
+      out += ([self.eos_id] if n else []) + self.tokenizer.encode(piece)
+    return out
+
+  def position_nll(self, inputs: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    return _batched(self._nll, inputs, targets, self.batch_size, self.context)
+
+  def score(self, texts: Sequence[str], samples: np.ndarray | None = None,
+            protocol: str = "md4") -> JudgeScore:
+    return judge_protocols.score(self, protocol, texts, samples)
 
 
 # ----------------------------------------------------------------------- a model of this project
@@ -262,14 +285,13 @@ class ModelJudge:
     self.description = (f"autoregressive judge {workdir} (step {int(loaded.state.step)}, "
                         f"{result.bits_per_token:.4f} bits/char on {cfg.data.dataset}'s "
                         f"{cfg.eval.split} split)")
-    network, bos = loaded.network, cfg.model.vocab_size
+    network, self.bos_id = loaded.network, cfg.model.vocab_size
 
     @jax.jit
-    def nll(net_params, ids, weights):
-      zeros = jnp.zeros(ids.shape[:1], jnp.float32)
-      logits_fn = lambda inputs: network.apply({"params": net_params}, inputs, zeros)
+    def nll(net_params, inputs, targets):
+      zeros = jnp.zeros(inputs.shape[:1], jnp.float32)
       with jax.default_matmul_precision("float32"):
-        return autoregressive.nll(logits_fn, ids, bos=bos, weights=weights)
+        return _token_nll(network.apply({"params": net_params}, inputs, zeros), targets)
     self._nll = functools.partial(nll, params["net"])
 
   def check_samples(self, spec: DatasetSpec) -> None:
@@ -277,9 +299,15 @@ class ModelJudge:
       raise ValueError(f"this judge reads text8 characters; the model makes {spec.kind} over a "
                        f"vocabulary of {spec.vocab_size}")
 
-  def score(self, texts: Sequence[str]) -> JudgeScore:
-    windows = [w for text in texts for w in _windows(list(text8.encode(text)), self.context)]
-    return _score_windows(self._nll, windows, self.context, self.batch_size)
+  def pieces(self, text: str) -> list[list[int]]:
+    return [list(text8.encode(text))]
+
+  def position_nll(self, inputs: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    return _batched(self._nll, inputs, targets, self.batch_size, self.context)
+
+  def score(self, texts: Sequence[str], samples: np.ndarray | None = None,
+            protocol: str = "md4") -> JudgeScore:
+    return judge_protocols.score(self, protocol, texts, samples)
 
 
 def load_judge(path: str) -> Judge:

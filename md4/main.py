@@ -3,8 +3,9 @@
   md4 train  [--config=configs/demo.py] [--workdir=runs/NAME] [--config.KEY=VALUE ...]
   md4 eval   [--config=...] [--workdir=...] [--checkpoint_step=N] [--split=valid]
              [--zero_shot=NAME --source=FILES | --zero_shot=all --source=NAME=FILE,...]
+             [--model=DIR]   with --zero_shot: a Hugging Face GPT-2 directory instead of a workdir
   md4 sample [--config=...] [--workdir=...] [--checkpoint_step=N] [--prompt=TEXT | --infill=TEMPLATE]
-             [--length=N [--window=W]] [--output=PATH_STEM] [--judge=DIR]
+             [--length=N [--window=W]] [--output=PATH_STEM] [--judge=DIR [--judge_protocol=md4]]
              [--sweep_steps=64,128,... --sweep_methods=...]
   md4 prepare DATASET --data_dir=DIR [--source=FILES] [dataset options]
   md4 info   [--config=...]          parameters, per-module counts, data, FLOPs; allocates nothing
@@ -63,6 +64,14 @@ _JUDGE = flags.DEFINE_string(
     "judge", None, "sample: score the samples' generative perplexity with a judge: a Hugging Face "
     "GPT-2 directory (config.json, model.safetensors, vocab.json, merges.txt) or the workdir of an "
     "autoregressive model of this project (configs/judge_demo.py).")
+_JUDGE_PROTOCOL = flags.DEFINE_string(
+    "judge_protocol", "md4", "sample --judge: how samples are scored (md4/judge_protocols.py): md4 "
+    "(this project's), mdlm (kuleshov-group/mdlm's compute_generative_perplexity) or sedd "
+    "(Score-Entropy-Discrete-Diffusion's run_train.py); figures compare within one protocol only.")
+_MODEL = flags.DEFINE_string(
+    "model", None, "eval --zero_shot: score a Hugging Face GPT-2 directory (config.json, "
+    "model.safetensors, vocab.json, merges.txt) with its exact likelihood on the same blocks, "
+    "instead of a checkpoint of this project: GPT-2's row of the zero-shot table.")
 _SWEEP_STEPS = flags.DEFINE_list(
     "sweep_steps", None, "sample: numbers of steps to sweep (e.g. 64,128,256,1024), printing a "
     "table and a PNG of generative perplexity, entropy and wall time per sampler; needs --judge.")
@@ -229,6 +238,8 @@ def _sample(cfg, workdir):
 
   from md4 import generate
 
+  import numpy as np
+
   if cfg.model.objective != "diffusion":
     raise ValueError(f"md4 sample draws from diffusion models; this one is "
                      f"{cfg.model.objective} (a judge: use it with --judge)")
@@ -249,6 +260,10 @@ def _sample(cfg, workdir):
   if sweep_steps and _JUDGE.value is None:
     raise ValueError("--sweep_steps needs --judge=DIR (a GPT-2 directory, or the workdir of an "
                      "autoregressive model such as configs/judge_demo.py's)")
+  if _JUDGE_PROTOCOL.value != "md4" and _JUDGE.value is None:
+    raise ValueError("--judge_protocol goes with --judge")
+  from md4 import judge_protocols
+  judge_protocols.check_protocol(_JUDGE_PROTOCOL.value, cfg.sample.num_samples)
   from md4.state import inference_params, stream_key
   judge = _load_judge()
   loaded, dataset = _restore_for_inference(cfg, workdir, _STEP.value)
@@ -280,10 +295,14 @@ def _sample(cfg, workdir):
       print(repr(dataset.decode(s)))
   if judge is not None:
     from md4 import judge as judge_lib
-    score = judge.score([dataset.decode(s) for s in drawn.samples])
-    print(f"judge: {judge.description}\n{_GEN_PPL_DEFINITION}\ngenerative perplexity "
-          f"{score.perplexity:.4g} over {score.num_tokens} judge tokens; unigram entropy "
-          f"{judge_lib.unigram_entropy(drawn.samples):.4g} nats (mean over samples)")
+    samples = np.asarray(drawn.samples)
+    score = judge.score([dataset.decode(s) for s in samples], samples, _JUDGE_PROTOCOL.value)
+    dropped = len(samples) - int(score.kept.sum())
+    print(f"judge: {judge.description}\n{judge_protocols.DESCRIPTIONS[score.protocol]}\n"
+          f"generative perplexity {score.perplexity:.4g} ({score.protocol} protocol) over "
+          f"{score.num_tokens} judge tokens of {len(samples) - dropped} samples"
+          f"{f' ({dropped} dropped)' if dropped else ''}; unigram entropy "
+          f"{judge_lib.unigram_entropy(samples):.4g} nats (mean over samples)")
 
 
 def _length_and_window(spec) -> tuple[int | None, int | None]:
@@ -304,12 +323,6 @@ def _length_and_window(spec) -> tuple[int | None, int | None]:
   return _LENGTH.value, window
 
 
-_GEN_PPL_DEFINITION = (
-    "generative perplexity = exp(total NLL / total judge tokens) over all samples: each sample "
-    "decoded to text (cut at end-of-text tokens), retokenised by the judge, read after the judge's "
-    "start token, with float32 matrix products")
-
-
 def _load_judge():
   if not _JUDGE.value:
     return None
@@ -325,14 +338,17 @@ def _sweep(cfg, workdir, loaded, dataset, params, rng, judge, steps):
   labels = generate.default_labels(dataset.spec, cfg.sample.num_samples, model.is_conditional(cfg))
   methods = _SWEEP_METHODS.value or sweep.default_samplers(cfg)
   rows = sweep.run(loaded.network, cfg, params, dataset, judge, steps, methods,
-                   _SWEEP_GRIDS.value or [cfg.sample.time_grid], rng, labels)
+                   _SWEEP_GRIDS.value or [cfg.sample.time_grid], rng, labels,
+                   protocol=_JUDGE_PROTOCOL.value)
   if jax.process_index() != 0:
     return
   stem = _OUTPUT.value or os.path.join(workdir, "samples", f"sweep_step_{int(state.step)}")
   os.makedirs(os.path.dirname(stem) or ".", exist_ok=True)
   title = (f"{workdir} step {int(state.step)}: {cfg.sample.num_samples} samples per point; "
            f"{judge.description}")
-  report = f"{title}\n{_GEN_PPL_DEFINITION}\n\n{sweep.table(rows)}\n"
+  from md4 import judge_protocols
+  report = (f"{title}\n{judge_protocols.DESCRIPTIONS[_JUDGE_PROTOCOL.value]}\n\n"
+            f"{sweep.table(rows, _JUDGE_PROTOCOL.value)}\n")
   with open(stem + ".md", "w") as f:
     f.write(report)
   sweep.plot(rows, stem + ".png", title)

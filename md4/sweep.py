@@ -3,7 +3,8 @@
 
 For each sampler (a method with its settings, named in SAMPLERS), time grid and number of steps:
 cfg.sample.num_samples unconditional samples (the sampler compiled ahead, so the wall time is
-sampling alone), their generative perplexity under a judge (md4/judge.py), their unigram entropy,
+sampling alone), their generative perplexity under a judge (md4/judge.py) and a protocol
+(md4/judge_protocols.py: "md4", "mdlm" or "sedd", named in the table), their unigram entropy,
 the network calls made and the wall time. first_hitting makes one network call per token whatever
 the number of steps or grid, so it runs once.
 
@@ -22,7 +23,7 @@ from typing import Any, NamedTuple, Sequence
 import jax
 import numpy as np
 
-from md4 import generate, judge as judge_lib, sampling
+from md4 import generate, judge as judge_lib, judge_protocols, sampling
 from md4.config import Config
 from md4.data.pipeline import Dataset
 
@@ -67,8 +68,10 @@ class SweepRow(NamedTuple):
 
 def run(network, cfg: Config, params, dataset: Dataset, judge: judge_lib.Judge,
         steps: Sequence[int], samplers: Sequence[str], grids: Sequence[str], rng: jax.Array,
-        labels: np.ndarray | None = None) -> list[SweepRow]:
-  """Samples with every sampler on every grid at every number of steps and scores the samples."""
+        labels: np.ndarray | None = None, protocol: str = "md4") -> list[SweepRow]:
+  """Samples with every sampler on every grid at every number of steps and scores the samples
+  under the judge protocol `protocol` (md4.judge_protocols.PROTOCOLS)."""
+  judge_protocols.check_protocol(protocol)
   unknown = [m for m in samplers if m not in SAMPLERS]
   if unknown or not samplers:
     raise ValueError(f"--sweep_methods must name samplers among {', '.join(SAMPLERS)}, got "
@@ -99,16 +102,18 @@ def run(network, cfg: Config, params, dataset: Dataset, judge: judge_lib.Judge,
     result = jax.block_until_ready(compiled(params, rng, init, labels))
     seconds = time.perf_counter() - start
     samples = np.asarray(result.samples)
-    score = judge.score([dataset.decode(s) for s in samples])
+    score = judge.score([dataset.decode(s) for s in samples], samples, protocol)
     rows.append(SweepRow(name, grid, n, int(result.num_calls), seconds, score.perplexity,
                          judge_lib.unigram_entropy(samples)))
   return rows
 
 
-def table(rows: Sequence[SweepRow]) -> str:
-  """A Markdown table, one row per sampler, grid and number of steps."""
-  lines = ["| sampler | time grid | steps | network calls | wall time (s) | generative perplexity | "
-           "unigram entropy (nats) | settings |", "|---|---|---|---|---|---|---|---|"]
+def table(rows: Sequence[SweepRow], protocol: str) -> str:
+  """A Markdown table, one row per sampler, grid and number of steps; the perplexity column names
+  the judge protocol it was computed under."""
+  lines = ["| sampler | time grid | steps | network calls | wall time (s) | generative perplexity "
+           f"({protocol} protocol) | unigram entropy (nats) | settings |",
+           "|---|---|---|---|---|---|---|---|"]
   for r in rows:
     steps = "-" if r.steps is None else str(r.steps)
     lines.append(f"| {r.sampler} | {r.grid or '-'} | {steps} | {r.num_calls} | {r.seconds:.3g} | "
