@@ -78,18 +78,23 @@ class Evaluator:
                                        jax.process_count(), max_examples):
       batch = sharding.global_batch(local, self.mesh)
       totals += np.asarray(self._sums(params, batch, rng), np.float64)
-    nats, tokens, s1, s2, n = totals
-    if n == 0:
+    if totals[4] == 0:
       raise ValueError(f"split {split!r} of dataset {cfg.data.dataset!r} has no examples")
-    # The mean is per token over the whole split (each token once); the standard error is that of
-    # the mean of per-example nats/token, the examples being exchangeable draws of the bound.
-    var = max(s2 / n - (s1 / n) ** 2, 0.0) * n / max(n - 1, 1)
-    return EvalResult(
-        nats_per_example=nats / n, bits_per_token=nats / tokens / math.log(2.0),
-        bits_se=math.sqrt(var / n) / math.log(2.0),
-        # exp overflows a float past ~709 nats per token (a diverged model): report inf.
-        perplexity=math.exp(nats / tokens) if nats / tokens < 700 else math.inf,
-        num_examples=int(n), unit=dataset.spec.unit)
+    return result_from_sums(totals, dataset.spec.unit)
+
+
+def result_from_sums(totals: np.ndarray, unit: str) -> EvalResult:
+  """The result from float64[5] sums over examples: nats, tokens, nats/token, its square, count."""
+  nats, tokens, s1, s2, n = totals
+  # The mean is per token over the whole split (each token once); the standard error is that of
+  # the mean of per-example nats/token, the examples being exchangeable draws of the bound.
+  var = max(s2 / n - (s1 / n) ** 2, 0.0) * n / max(n - 1, 1)
+  return EvalResult(
+      nats_per_example=nats / n, bits_per_token=nats / tokens / math.log(2.0),
+      bits_se=math.sqrt(var / n) / math.log(2.0),
+      # exp overflows a float past ~709 nats per token (a diverged model): report inf.
+      perplexity=math.exp(nats / tokens) if nats / tokens < 700 else math.inf,
+      num_examples=int(n), unit=unit)
 
 
 class ZeroShotRow(NamedTuple):
@@ -129,6 +134,40 @@ def zero_shot_row(evaluator: Evaluator, params, name: str, rows: list[str], toke
   return ZeroShotRow(zs.corpus(name).title, blocks.num_documents,
                      len(blocks.blocks) + bool(blocks.tail.size), blocks.num_tokens,
                      0 if exact else evaluator.cfg.eval.num_time_samples, result,
+                     zs.corpus(name).paper_md4_s)
+
+
+def causal_zero_shot_row(judge, name: str, rows: list[str], seq_length: int) -> ZeroShotRow:
+  """A Hugging Face GPT-2's exact perplexity on one zero-shot corpus: GPT-2's row of the table.
+
+  The test set is detokenised, tokenised (with the model's own tokenizer, GPT-2's for the paper)
+  and cut into blocks of seq_length exactly as `zero_shot_row` does for a diffusion model, so the
+  same tokens are scored; each block is read on its own after the model's start token (GPT-2's
+  end-of-text token), every one of its tokens scored once, as the diffusion models score each block
+  without the blocks before it.
+
+  Args:
+    judge: an md4.judge.GPT2Judge (its tokenizer, start token, context and forward pass).
+    name: the corpus (md4.data.zero_shot.CORPORA).
+    rows: its test set's rows (md4.data.zero_shot.read_rows).
+    seq_length: the block length of the diffusion models the row is set beside (<= the context).
+  """
+  from md4.data import zero_shot as zs  # pylint: disable=g-import-not-at-top
+  if seq_length > judge.context:
+    raise ValueError(f"blocks of {seq_length} tokens exceed the model's context of "
+                     f"{judge.context}")
+  blocks = zs.tokenize(name, rows, judge.tokenizer, seq_length)
+  totals = np.zeros(5, np.float64)
+  parts = [blocks.blocks] + ([blocks.tail[None]] if blocks.tail.size else [])
+  for x in parts:
+    if not len(x):
+      continue
+    inputs = np.concatenate([np.full((len(x), 1), judge.bos_id, np.int32), x[:, :-1]], axis=1)
+    nats = judge.position_nll(inputs, x).astype(np.float64).sum(-1)
+    per_token = nats / x.shape[1]
+    totals += [nats.sum(), x.size, per_token.sum(), (per_token**2).sum(), len(x)]
+  return ZeroShotRow(zs.corpus(name).title, blocks.num_documents, len(parts[0]) + (len(parts) > 1),
+                     blocks.num_tokens, 0, result_from_sums(totals, "token"),
                      zs.corpus(name).paper_md4_s)
 
 

@@ -143,6 +143,8 @@ def _eval(cfg, workdir):
   from md4.evaluate import Evaluator
   if _ZERO_SHOT.value:
     return _zero_shot(cfg, workdir)
+  if _MODEL.value:
+    raise ValueError("--model goes with --zero_shot")
   if _SOURCE.value or _TOKENIZER.value:
     raise ValueError("--source and --tokenizer go with --zero_shot (or md4 prepare)")
   if _SPLIT.value is not None:
@@ -197,6 +199,8 @@ def _zero_shot(cfg, workdir):
   if _SPLIT.value:
     raise ValueError("--split does not apply to --zero_shot: each test set is scored whole")
   sources = _zero_shot_sources()
+  if _MODEL.value:
+    return _zero_shot_causal(cfg, sources)
   if _TOKENIZER.value:
     tokenizer, where = tokenizers.get_tokenizer(_TOKENIZER.value), "--tokenizer"
   elif cfg.data.dataset in ("openwebtext", "fineweb_edu"):
@@ -229,6 +233,29 @@ def _zero_shot(cfg, workdir):
   for name, rows in texts.items():
     row = evaluate.zero_shot_row(evaluator, params, name, rows, tokenizer, cfg.data.seq_length,
                                  spec.vocab_size)
+    if jax.process_index() == 0:
+      print(evaluate.zero_shot_line(row), flush=True)
+
+
+def _zero_shot_causal(cfg, sources):
+  """Zero-shot perplexities of a Hugging Face GPT-2 (--model=DIR) on cfg's blocks."""
+  import jax
+
+  from md4 import evaluate, judge as judge_lib
+  from md4.data import zero_shot as zs
+  if _TOKENIZER.value:
+    raise ValueError("--tokenizer does not go with --model: the model's own tokenizer "
+                     "(vocab.json, merges.txt of DIR) is used")
+  gpt2 = judge_lib.GPT2Judge(_MODEL.value)
+  texts = {name: zs.read_rows(name, files) for name, files in sources.items()}
+  if jax.process_index() == 0:
+    print(f"{gpt2.description}, tokenizer {gpt2.tokenizer.name}, blocks of {cfg.data.seq_length} "
+          f"(data.seq_length of {_config_spec()}); each document detokenized, tokenized, followed "
+          f"by EOS; each block read after the start token; perplexity = exp(total nats / total "
+          f"tokens) of the exact likelihood, ± its standard error over blocks\n"
+          f"{evaluate.ZERO_SHOT_HEADER}", flush=True)
+  for name, rows in texts.items():
+    row = evaluate.causal_zero_shot_row(gpt2, name, rows, cfg.data.seq_length)
     if jax.process_index() == 0:
       print(evaluate.zero_shot_line(row), flush=True)
 
