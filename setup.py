@@ -33,7 +33,7 @@ setup(
     # The config files ship inside the package as md4.configs, so a regular (non-editable) install
     # finds them from any working directory (md4/main.py); in a checkout they stay in configs/.
     packages=find_packages(include=["md4", "md4.*"]) + [
-        "md4.configs", "md4.configs.md4", "md4.configs.genmd4"],
+        "md4.configs", "md4.configs.md4", "md4.configs.genmd4", "md4.configs.mdlm"],
     package_dir={"md4.configs": "configs"},
     package_data={"md4.data": ["demo/*.xz", "demo/*.npz"]},
     install_requires=INSTALL_REQUIRES,

@@ -22,6 +22,7 @@ Preset = Callable[[ml_collections.ConfigDict], None]
 # paper config's other choices (dropout, time conditioning, classes, MLP type) still run in tests.
 _TINY_NETS = {
     "transformer": dict(num_layers=1, num_heads=2, d_model=16, mlp_ratio=2.0, cond_dim=8),
+    "dit": dict(num_layers=1, num_heads=2, d_model=16, mlp_ratio=2, cond_dim=8),
     "unet": dict(features=16, num_res_blocks=1, num_heads=1, norm_groups=4),
     "uvit": dict(features=16, num_res_blocks=1, norm_groups=4, num_layers=1, num_heads=1,
                  d_model=16, mlp_ratio=2.0),
@@ -41,7 +42,7 @@ def tiny(config: ml_collections.ConfigDict) -> None:
   config.model.net = dict(config.model.net, **_TINY_NETS[network])
   if config.model.net.get("embed_dim"):  # A separate embedding width stays separate, but small.
     config.model.net.embed_dim = 8
-  if network == "transformer":
+  if network in ("transformer", "dit"):
     config.data.seq_length = 16  # Text only: image shapes come from the dataset.
   config.optimizer.warmup_steps = 2
   config.train.batch_size = 8

@@ -41,7 +41,8 @@ from typing import Any, Callable, NamedTuple, Sequence
 import numpy as np
 
 MDLM_BATCH_SIZE = 8  # kuleshov-group/mdlm configs/config.yaml eval.perplexity_batch_size.
-SEDD_BATCH_SIZE = 32  # Score-Entropy-Discrete-Diffusion configs/config.yaml eval.perplexity_batch_size.
+# Score-Entropy-Discrete-Diffusion configs/config.yaml eval.perplexity_batch_size.
+SEDD_BATCH_SIZE = 32
 
 
 class JudgeScore(NamedTuple):
@@ -166,8 +167,8 @@ def _sedd(judge, texts: Sequence[str], samples: np.ndarray | None) -> JudgeScore
   for n, (row, text) in enumerate(zip(samples, texts)):
     if int(row.max()) >= vocab or judge.tokenizer.decode(row) != text:
       raise ValueError(f"the sedd protocol feeds the samples' ids to the judge, so the model's "
-                       f"tokenizer must be the judge's; sample {n} does not decode to the same text "
-                       f"under the judge's tokenizer ({judge.tokenizer.name})")
+                       f"tokenizer must be the judge's; sample {n} does not decode to the same "
+                       f"text under the judge's tokenizer ({judge.tokenizer.name})")
   num_kept = num // SEDD_BATCH_SIZE * SEDD_BATCH_SIZE
   rows = _Rows([], [], [], [])
   for n in range(num_kept):

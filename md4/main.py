@@ -11,6 +11,8 @@
   md4 info   [--config=...]          parameters, per-module counts, data, FLOPs; allocates nothing
   md4 convert --from_reference=DIR [--config=...] [--workdir=...] [--checkpoint_step=N]
              a checkpoint of the paper's released code -> a checkpoint of this project
+  md4 convert --from_mdlm=DIR_OR_CKPT --config=configs/mdlm/openwebtext.py [--workdir=...]
+             MDLM's released checkpoint (Hugging Face directory or Lightning .ckpt) -> the same
 
 Several processes (one per host or GPU): train/eval/sample join them through jax.distributed, with
 --coordinator_address, --num_processes and --process_id, or found from SLURM's srun or a Cloud TPU
@@ -55,6 +57,10 @@ _STEP = flags.DEFINE_integer("checkpoint_step", None, "eval/sample/convert: chec
 _FROM_REFERENCE = flags.DEFINE_string(
     "from_reference", None, "convert: a checkpoint of google-deepmind/md4 (its workdir, "
     "checkpoints/ directory, step directory or train_state directory).")
+_FROM_MDLM = flags.DEFINE_string(
+    "from_mdlm", None, "convert: an MDLM checkpoint (kuleshov-group/mdlm): a Hugging Face "
+    "directory (config.json, model.safetensors; kuleshov-group/mdlm-owt) or a Lightning .ckpt; "
+    "with --config=configs/mdlm/openwebtext.py.")
 _SPLIT = flags.DEFINE_string("split", None, "eval: the split (default: config.eval.split).")
 _ZERO_SHOT = flags.DEFINE_string(
     "zero_shot", None, "eval: a zero-shot test set (lambada, wikitext2, ptb, wikitext103, lm1b) "
@@ -391,14 +397,34 @@ def _info(cfg, workdir):
 def _convert(cfg, workdir):
   from md4 import convert
   from md4.data import pipeline
+  if _FROM_MDLM.value:
+    return _convert_mdlm(cfg, workdir)
   if not _FROM_REFERENCE.value:
-    raise ValueError("--from_reference=DIR is required: a checkpoint of the released code")
+    raise ValueError("--from_reference=DIR (a checkpoint of the released code) or --from_mdlm=PATH "
+                     "(an MDLM checkpoint) is required")
   result = convert.convert_checkpoint(_FROM_REFERENCE.value, cfg, pipeline.get_spec(cfg.data),
                                       workdir, _STEP.value)
   ema = "params and EMA params" if result.has_ema else "params (no EMA in the source; EMA = params)"
   print(f"converted {result.source} (step {result.step}): {ema}, {result.num_params:,} parameters "
         f"-> {result.checkpoint_dir}\n  md4 eval --config=... --workdir={workdir}   "
         "(the optimizer state starts fresh; the released one is not converted)")
+
+
+def _convert_mdlm(cfg, workdir):
+  from md4 import convert_mdlm
+  from md4.data import pipeline
+  if _FROM_REFERENCE.value:
+    raise ValueError("give --from_reference or --from_mdlm, not both")
+  if _STEP.value is not None:
+    raise ValueError("--checkpoint_step does not apply to --from_mdlm: an MDLM checkpoint holds "
+                     "one step")
+  result = convert_mdlm.convert_checkpoint(_FROM_MDLM.value, cfg, pipeline.get_spec(cfg.data),
+                                           workdir)
+  ema = ("params and EMA params" if result.has_ema else
+         "params (no EMA weights in the source; EMA = params)")
+  print(f"converted MDLM {result.source} (step {result.step}): {ema}, {result.num_params:,} "
+        f"parameters -> {result.checkpoint_dir}\n  md4 eval --config=... --workdir={workdir}   "
+        "(the optimizer state starts fresh)")
 
 
 def _prepare(argv):

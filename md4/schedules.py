@@ -4,6 +4,14 @@ Every schedule is squeezed into [eps, 1 - eps]: alpha(t) = (1 - 2 eps) a(t) + ep
 the bound finite (the log-weights stay bounded near t = 0 and t = 1); the price is paid exactly by the
 reconstruction term at t = 0 and the prior term at t = 1 of the bound (see md4.elbo).
 
+One exception, "loglinear": MDLM's log-linear schedule (Sahoo et al. 2024, kuleshov-group/mdlm
+noise_schedule.py LogLinearNoise: sigma(t) = -log1p(-(1 - eps) t), alpha = exp(-sigma)) as MDLM
+defines it, squeezed at t = 1 only: alpha(t) = (1 - eps)(1 - t) + eps = 1 - (1 - eps) t, so
+alpha(0) = 1 and alpha(1) = eps (MDLM's eps is 1e-3: configs/mdlm). The bound stays exact: its
+reconstruction term is 0 and its prior term eps log V per token; its weight
+-alpha'/(1 - alpha) = 1/t is MDLM's dsigma/expm1(sigma), unbounded near t = 0 where the expected
+number of masked tokens, (1 - eps) t L, vanishes as fast, so the integrand stays bounded.
+
 Two kinds of schedule share one interface:
   - `Schedule` (from `get_schedule`): the same alpha for every token; alpha(t) has t's shape.
   - `StateDependentPoly`: GenMD4's per-vocabulary-entry schedule a_v(t) = 1 - t^{w_v}; alpha(t) has
@@ -80,6 +88,7 @@ def _poly(k: float) -> tuple[_Fn, _Fn, _Fn]:
 
 _FIXED = {
     "linear": (_linear, _linear_d, _linear_inv),
+    "loglinear": (_linear, _linear_d, _linear_inv),  # Squeezed at t = 1 only (see the docstring).
     "cosine": (_cosine, _cosine_d, _cosine_inv),
     "geometric": (_geometric, _geometric_d, _geometric_inv),
 }
@@ -95,7 +104,8 @@ def _check_eps(eps: float) -> None:
 @jax.tree_util.register_static
 @dataclasses.dataclass(frozen=True)
 class Schedule:
-  """A state-independent schedule: alpha(t) = (1 - 2 eps) a(t) + eps.
+  """A state-independent schedule: alpha(t) = (1 - 2 eps) a(t) + eps ((1 - eps)(1 - t) + eps for
+  "loglinear").
 
   Static (no array leaves), hashable, and usable as a jit argument.
   """
@@ -119,25 +129,31 @@ class Schedule:
           "(K a positive number, e.g. 'poly2' or 'poly0.5')")
     return _poly(float(match.group(1)))
 
+  @property
+  def _scale(self) -> float:
+    """alpha = scale * a + eps: 1 - 2 eps (squeezed at both ends), 1 - eps for "loglinear"."""
+    return 1.0 - self.eps if self.name == "loglinear" else 1.0 - 2.0 * self.eps
+
   def alpha(self, t: Array) -> Array:
     """alpha(t): float32[*T] for t: float32[*T]."""
     t = jnp.asarray(t, jnp.float32)
-    return (1.0 - 2.0 * self.eps) * self._fns()[0](t) + self.eps
+    return self._scale * self._fns()[0](t) + self.eps
 
   def dalpha(self, t: Array) -> Array:
     """d alpha / dt: float32[*T], the exact derivative."""
     t = jnp.asarray(t, jnp.float32)
-    return (1.0 - 2.0 * self.eps) * self._fns()[1](t)
+    return self._scale * self._fns()[1](t)
 
   def inverse(self, alpha: Array) -> Array:
     """t such that alpha(t) = alpha, clipped to [0, 1]."""
     alpha = jnp.asarray(alpha, jnp.float32)
-    a = jnp.clip((alpha - self.eps) / (1.0 - 2.0 * self.eps), 0.0, 1.0)
+    a = jnp.clip((alpha - self.eps) / self._scale, 0.0, 1.0)
     return jnp.clip(self._fns()[2](a), 0.0, 1.0)
 
 
 def get_schedule(name: str, *, eps: float = DEFAULT_EPS) -> Schedule:
-  """The schedule called `name`: "linear", "cosine", "geometric" or "poly<K>" (K > 0)."""
+  """The schedule called `name`: "linear", "cosine", "geometric", "loglinear" (MDLM's) or
+  "poly<K>" (K > 0)."""
   if not isinstance(name, str):
     raise ValueError(f"schedule name must be a string, got {name!r}")
   return Schedule(name, eps)

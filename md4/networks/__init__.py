@@ -10,12 +10,14 @@ import dataclasses
 
 import flax.linen as nn
 
+from md4.networks.dit import DIT, DITConfig
 from md4.networks.transformer import Transformer, TransformerConfig
 from md4.networks.unet import UNet, UNetConfig
 from md4.networks.uvit import UViT, UViTConfig
 
 NETWORKS: dict[str, tuple[type[nn.Module], type]] = {
     "transformer": (Transformer, TransformerConfig),
+    "dit": (DIT, DITConfig),  # MDLM's (md4/networks/dit.py).
     "unet": (UNet, UNetConfig),
     "uvit": (UViT, UViTConfig),
 }
@@ -46,6 +48,8 @@ def build_network(name: str, **kwargs) -> nn.Module:
 
 
 __all__ = [
+    "DIT",
+    "DITConfig",
     "NETWORKS",
     "Transformer",
     "TransformerConfig",
