@@ -261,7 +261,8 @@ def _sample_maskgit(denoise_fn, rng, init, schedule, vocab_size, opts):
 
 
 # Remasking draws its coins from fold_in(rng, _REMASK_STREAM) so that the unmasking draws keep the
-# ancestral sampler's keys: with remask_eta = 0, remdm returns bitwise the ancestral samples.
+# ancestral sampler's keys: with remask_eta = 0, "cap" returns bitwise the ancestral samples (and
+# "loop" those of the ancestral steps on its warped times; see `sample`).
 _REMASK_STREAM = 2**32 - 1
 
 
@@ -437,7 +438,10 @@ def sample(denoise_fn: DenoiseFn, rng: Array, init: Array, schedule: AnySchedule
           tokens given in init never change.
         Any 0 <= sigma_t <= sigma_max = min(1, (1 - a_s)/a_t) keeps these probabilities valid and
         the forward process's per-token marginal (x with probability a_s); sigma_t = 0 is the
-        ancestral step, and remask_eta = 0 gives bitwise the ancestral samples. remask_strategy:
+        ancestral step. With remask_eta = 0, "cap" gives bitwise the ancestral samples; "loop"
+        does not: it still warps time, so it gives the ancestral steps on the warped times tau(t)
+        of the grid (the network called at tau(t), nothing revealed inside the window, where alpha
+        is held), bitwise. remask_strategy:
           "cap": sigma_t = min(remask_eta, sigma_max) on every step.
           "loop": three phases by the step's upper time t: t > t_on, ancestral (sigma 0);
             t_off < t <= t_on, alpha held at a(t_on) (so a_s = a_t) with

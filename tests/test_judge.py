@@ -28,7 +28,8 @@ from md4 import config as config_lib
 from md4.data import pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LAYERS, HEADS, WIDTH, CONTEXT = tiny_gpt2.LAYERS, tiny_gpt2.HEADS, tiny_gpt2.WIDTH, tiny_gpt2.CONTEXT
+LAYERS, HEADS, WIDTH, CONTEXT = (tiny_gpt2.LAYERS, tiny_gpt2.HEADS, tiny_gpt2.WIDTH,
+                                 tiny_gpt2.CONTEXT)
 _write_gpt2 = tiny_gpt2.write_gpt2
 _np_gpt2_logits = tiny_gpt2.np_gpt2_logits
 

@@ -34,7 +34,7 @@ from md4 import checkpoint, config as config_lib, convert_mdlm, elbo, model, sam
 from md4.data import pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-V, L, D, HEADS, LAYERS, COND = 40, 6, 16, 2, 2, 8  # V real tokens; the mask is V (MDLM: V + 1 rows).
+V, L, D, HEADS, LAYERS, COND = 40, 6, 16, 2, 2, 8  # V real tokens; the mask id V (V + 1 rows).
 
 
 def _cfg(time_conditioning=False):
@@ -83,7 +83,8 @@ def _np_dit_subs(t, x, sigma):
 
   x: int[B, L] (mask id V); sigma: float[B]. Returns log-probabilities [B, L, V + 1]."""
   p = {k: v.astype(np.float64) for k, v in t.items()}
-  linear = lambda h, name, bias=True: h @ p[name + ".weight"].T + (p[name + ".bias"] if bias else 0)
+  linear = lambda h, name, bias=True: (h @ p[name + ".weight"].T
+                                       + (p[name + ".bias"] if bias else 0))
   silu = lambda h: h / (1 + np.exp(-h))
 
   def layer_norm(h, weight):
@@ -252,7 +253,8 @@ class _Opaque:
 def _write_ckpt(path, state_dict, ema, step):
   storages = {}
   buf = io.BytesIO()
-  obj = {"state_dict": collections.OrderedDict(("backbone." + k, v) for k, v in state_dict.items()),
+  backbone = collections.OrderedDict(("backbone." + k, v) for k, v in state_dict.items())
+  obj = {"state_dict": backbone,
          "ema": {"decay": 0.9999, "num_updates": 7, "shadow_params": ema, "collected_params": []},
          "global_step": step, "pytorch-lightning_version": "2.2.1",
          "hyper_parameters": {"config": _Opaque("omegaconf.dictconfig", "DictConfig",
@@ -361,8 +363,8 @@ def test_nelbo_integrand_is_mdlms_loss_on_the_same_draw():
 
 # Ancestral in the default suite; the other samplers (compilation dominates: ~8 s each on 2
 # loaded cores) behind the slow marker.
-@pytest.mark.parametrize("method", [m if m == "ancestral" else pytest.param(m, marks=pytest.mark.slow)
-                                    for m in sampling.METHODS])
+@pytest.mark.parametrize("method", [
+    m if m == "ancestral" else pytest.param(m, marks=pytest.mark.slow) for m in sampling.METHODS])
 def test_every_sampler_runs_on_the_dit_with_the_loglinear_schedule(method):
   tensors = _mdlm_tensors()
   cfg = _cfg()

@@ -76,6 +76,7 @@ def test_md4_eval_zero_shot_model_prints_gpt2s_row(gpt2, tmp_path):
     assert rows[title][:4] == [str(len(docs)), str(blocks), str(tokens), "- (exact)"]
     assert rows[title][4] == f"{perplexity:.2f} ± {se:.2f}", (rows[title], perplexity, se)
   refused = subprocess.run(
-      [sys.executable, "-m", "md4.main", "eval", "--config=configs/tiny.py", f"--model={directory}"],
+      [sys.executable, "-m", "md4.main", "eval", "--config=configs/tiny.py",
+       f"--model={directory}"],
       cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert refused.returncode == 1 and "--model goes with --zero_shot" in refused.stderr

@@ -8,8 +8,9 @@ Specs accepted by `get_tokenizer`:
   "gpt2"                 GPT-2's BPE (tiktoken's "gpt2" encoding): vocab 50257,
                          EOS "<|endoftext|>" = 50256.
   "bpe:DIR"              a GPT-2-style byte-level BPE from local files: DIR holds a Hugging Face
-                         tokenizer's vocab.json and merges.txt (GPT-2's own give the "gpt2"
-                         encoding exactly, with no download). EOS "<|endoftext|>".
+                         tokenizer's vocab.json and merges.txt, applied by GPT-2's algorithm
+                         (merges in merges.txt's order; GPT-2's own files give GPT-2's ids, with
+                         no download). EOS "<|endoftext|>".
   "sentencepiece:PATH"   a SentencePiece model file, e.g. one made by `train_sentencepiece`.
 """
 
@@ -20,8 +21,11 @@ import dataclasses
 import functools
 import hashlib
 import json
+import math
 import os
 from typing import Iterable, Sequence
+
+import regex  # tiktoken's own dependency: GPT-2's pattern needs Unicode classes (\p{L}).
 
 SPEC_FORMS = ('"gpt2"', '"bpe:DIR" (vocab.json and merges.txt of a GPT-2-style tokenizer)',
               '"sentencepiece:PATH" (a SentencePiece .model file)')
@@ -151,10 +155,58 @@ def _byte_to_char() -> dict[int, str]:
   return table
 
 
+class _BytePairEncoding:
+  """GPT-2's byte-level BPE from a Hugging Face vocab.json and merges.txt, run as GPT-2's own
+  encoder runs it (openai/gpt-2 src/encoder.py `bpe`): each pre-token's bytes, as characters,
+  repeatedly merge the adjacent pair that comes first in merges.txt, every occurrence of it left to
+  right, until no adjacent pair is a merge. Only listed merges apply, in merges.txt's order,
+  whatever the tokens' ids. (Ranking by the ids of merged tokens, as tiktoken does, would merge any
+  adjacent pair whose joined string is a token: with merges "a b", "b c", "a bc", "abc" would become
+  [abc] where GPT-2 gives [ab, c].)"""
+
+  def __init__(self, vocab: dict[str, int], merges: list[tuple[str, str]]):
+    self.vocab = vocab
+    self.ranks = {pair: n for n, pair in enumerate(merges)}
+    self.byte_to_char = _byte_to_char()
+    char_to_byte = {c: b for b, c in self.byte_to_char.items()}
+    self.id_to_bytes = {i: bytes(char_to_byte[c] for c in token) for token, i in vocab.items()}
+    self.pattern = regex.compile(GPT2_PATTERN)
+    self._cache: dict[str, tuple[str, ...]] = {}
+
+  def _merge(self, word: str) -> tuple[str, ...]:
+    if word in self._cache:
+      return self._cache[word]
+    parts = list(word)
+    while len(parts) > 1:
+      best = min(zip(parts, parts[1:]), key=lambda pair: self.ranks.get(pair, math.inf))
+      if best not in self.ranks:
+        break
+      merged, i = [], 0
+      while i < len(parts):
+        if i + 1 < len(parts) and (parts[i], parts[i + 1]) == best:
+          merged.append(parts[i] + parts[i + 1])
+          i += 2
+        else:
+          merged.append(parts[i])
+          i += 1
+      parts = merged
+    self._cache[word] = tuple(parts)
+    return self._cache[word]
+
+  def encode(self, text: str) -> list[int]:
+    ids = []
+    for piece in self.pattern.findall(text):
+      word = "".join(self.byte_to_char[b] for b in piece.encode("utf-8"))
+      ids += [self.vocab[token] for token in self._merge(word)]
+    return ids
+
+  def decode(self, ids: Sequence[int]) -> str:
+    return b"".join(self.id_to_bytes[int(i)] for i in ids).decode("utf-8", errors="replace")
+
+
 @functools.lru_cache(maxsize=4)
-def _bpe_encoding(directory: str):
-  """A tiktoken Encoding from a Hugging Face byte-level BPE's vocab.json and merges.txt."""
-  import tiktoken  # pylint: disable=g-import-not-at-top
+def _bpe_encoding(directory: str) -> _BytePairEncoding:
+  """The BPE of a Hugging Face byte-level BPE's vocab.json and merges.txt, checked."""
   paths = {n: os.path.join(directory, n) for n in ("vocab.json", "merges.txt")}
   missing = [p for p in paths.values() if not os.path.isfile(p)]
   if missing:
@@ -167,41 +219,31 @@ def _bpe_encoding(directory: str):
     raise ValueError(f"{paths['vocab.json']} is not a JSON object of token -> id ({e})") from e
   if not isinstance(vocab, dict) or EOS_TEXT not in vocab:
     raise ValueError(f"{paths['vocab.json']} must map tokens to ids and hold {EOS_TEXT!r}")
-  char_to_byte = {c: b for b, c in _byte_to_char().items()}
-  ranks = {}
-  for token, index in vocab.items():
-    if token == EOS_TEXT:
-      continue
-    try:
-      ranks[bytes(char_to_byte[c] for c in token)] = index
-    except KeyError as e:
+  alphabet = set(_byte_to_char().values())
+  for token in vocab:
+    if not set(token) <= alphabet:
       raise ValueError(f"{paths['vocab.json']}: token {token!r} is not in GPT-2's byte alphabet "
-                       "(not a byte-level BPE vocabulary)") from e
-  missing_bytes = [b for b in range(256) if bytes([b]) not in ranks]
+                       "(not a byte-level BPE vocabulary)")
+  missing_bytes = [b for b, c in _byte_to_char().items() if c not in vocab]
   if missing_bytes:
-    raise ValueError(f"{paths['vocab.json']} lacks single-byte tokens (e.g. byte {missing_bytes[0]}): "
-                     "not a byte-level BPE vocabulary")
+    raise ValueError(f"{paths['vocab.json']} lacks single-byte tokens (e.g. byte "
+                     f"{missing_bytes[0]}): not a byte-level BPE vocabulary")
   with open(paths["merges.txt"], encoding="utf-8") as f:
-    merges = [line.split() for line in f.read().split("\n")
+    merges = [tuple(line.split()) for line in f.read().split("\n")
               if line.strip() and not line.startswith("#version")]
-  previous = -1
   for n, pair in enumerate(merges, 1):
-    merged = "".join(pair)
-    if len(pair) != 2 or merged not in vocab:
+    if len(pair) != 2 or "".join(pair) not in vocab:
       raise ValueError(f"{paths['merges.txt']} line {n} ({' '.join(pair)!r}) is not a merge of two "
                        "tokens whose result vocab.json holds")
-    # tiktoken merges by id, so ids must follow the order of the merges (true of GPT-2's files).
-    if vocab[merged] <= previous:
-      raise ValueError(f"{paths['merges.txt']} line {n}: vocab.json ids do not follow the merge "
-                       "order, which this tokenizer needs")
-    previous = vocab[merged]
-  return tiktoken.Encoding(name=f"bpe:{directory}", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
-                           special_tokens={EOS_TEXT: vocab[EOS_TEXT]})
+  return _BytePairEncoding(vocab, merges)
 
 
 @dataclasses.dataclass(frozen=True)
-class BPETokenizer(_TiktokenTokenizer):
-  """A GPT-2-style byte-level BPE read from a local directory (vocab.json, merges.txt)."""
+class BPETokenizer(Tokenizer):
+  """A GPT-2-style byte-level BPE read from a local directory (vocab.json, merges.txt), encoded by
+  GPT-2's own algorithm in Python (merges in merges.txt's order; see _BytePairEncoding), so any
+  such files tokenize as their tokenizer does. GPT-2's own files give GPT-2's ids; "gpt2"
+  (tiktoken, compiled) is the faster for preparing large corpora."""
 
   directory: str
 
@@ -209,8 +251,21 @@ class BPETokenizer(_TiktokenTokenizer):
   def name(self) -> str:
     return f"bpe:{self.directory}"
 
-  def _encoding(self):
-    return _bpe_encoding(self.directory)
+  @property
+  def vocab_size(self) -> int:
+    return len(_bpe_encoding(self.directory).vocab)
+
+  @property
+  def eos_id(self) -> int:
+    return _bpe_encoding(self.directory).vocab[EOS_TEXT]
+
+  def encode(self, text):
+    # A literal "<|endoftext|>" inside the text is text, not a document break (as tiktoken's
+    # encode_ordinary reads it for "gpt2").
+    return _bpe_encoding(self.directory).encode(text)
+
+  def decode(self, ids):
+    return _bpe_encoding(self.directory).decode(ids)
 
 
 @functools.lru_cache(maxsize=4)

@@ -22,9 +22,9 @@ md4/convert_mdlm.py maps onto this module's):
     first), LN [output_layer.norm_final], Linear(d_model, vocab_size + 1) with bias
     [output_layer.linear].
 Then SUBS: the mask's logit gets -1e6, the logits are normalised (log-softmax over all
-vocab_size + 1 entries), and at unmasked positions every entry is -1e6 but the given token's, 0. The mask's
-column is dropped: the network returns float32[B, L, vocab_size] log-probabilities of x, this
-project's denoiser contract (after SUBS the mask's probability is exp(-1e6) = 0 in float32).
+vocab_size + 1 entries), and at unmasked positions every entry is -1e6 but the given token's, 0.
+The mask's column is dropped: the network returns float32[B, L, vocab_size] log-probabilities of
+x, this project's denoiser contract (after SUBS the mask's probability is exp(-1e6) = 0 in float32).
 
 MDLM's own code runs the blocks under bfloat16 autocast on GPUs; here they run in `dtype`
 (float32 by default), LayerNorms and the residual stream always in float32.
