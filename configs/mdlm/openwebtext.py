@@ -1,8 +1,8 @@
 """MDLM on OpenWebText (Sahoo et al. 2024): MDLM's network, schedule and training settings.
 
-  md4 train   --config=configs/mdlm/openwebtext.py
+  md4 train --config=configs/mdlm/openwebtext.py
   md4 convert --config=configs/mdlm/openwebtext.py --from_mdlm=DIR_OR_CKPT --workdir=runs/mdlm_owt
-  md4 eval    --config=configs/mdlm/openwebtext.py --workdir=runs/mdlm_owt
+  md4 eval --config=configs/mdlm/openwebtext.py --workdir=runs/mdlm_owt
 
 The released checkpoint (kuleshov-group/mdlm-owt: a Hugging Face directory, config.json and
 model.safetensors, or the Lightning .ckpt of kuleshov-group/mdlm) converts into a checkpoint of this
