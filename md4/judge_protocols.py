@@ -122,6 +122,13 @@ def _md4(judge, texts: Sequence[str], samples: np.ndarray | None) -> JudgeScore:
   return _score_rows(judge, rows, len(texts), np.ones(len(texts), bool), "md4")
 
 
+def check_judge(judge: Any, protocol: str) -> None:
+  """Raises ValueError unless `judge` can score under `protocol` ("mdlm", "sedd": GPT-2 only)."""
+  check_protocol(protocol)
+  if protocol != "md4":
+    _needs_gpt2(judge, protocol)
+
+
 def _needs_gpt2(judge, protocol: str) -> None:
   if not hasattr(judge, "encode_with_markers"):
     raise ValueError(f"--judge_protocol={protocol} is defined for a GPT-2 judge (its end-of-text "

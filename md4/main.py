@@ -302,6 +302,7 @@ def _sample(cfg, workdir):
   loaded, dataset = _restore_for_inference(cfg, workdir, _STEP.value)
   if judge is not None:
     judge.check_samples(dataset.spec)
+    judge_protocols.check_judge(judge, _JUDGE_PROTOCOL.value)
   state, params = loaded.state, inference_params(loaded.state, cfg, "sample")
   rng = stream_key(cfg.train.seed, "sample")
   spec, n = dataset.spec, cfg.sample.num_samples

@@ -13,6 +13,9 @@ its forward pass in float64 NumPy.
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -161,3 +164,15 @@ def test_mdlm_and_sedd_need_a_gpt2_judge():
     description = "a character-level judge"
   with pytest.raises(ValueError, match="defined for a GPT-2 judge.*takes --judge_protocol=md4"):
     judge_protocols.score(CharacterJudge(), "mdlm", ["abc"], np.zeros((1, 3), np.int32))
+
+
+def test_md4_sample_refuses_a_protocol_before_sampling(tmp_path):
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  # The tiny config draws 2 samples: sedd's batches of 32 are refused before anything is loaded.
+  done = subprocess.run([sys.executable, "-m", "md4.main", "sample", "--config=configs/tiny.py",
+                         f"--workdir={tmp_path}/none", f"--judge={tmp_path}",
+                         "--judge_protocol=sedd"], cwd=root, capture_output=True, text=True,
+                        timeout=300)
+  assert done.returncode == 1
+  assert "batches of 32 samples (SEDD's eval.perplexity_batch_size); got 2" in done.stderr, (
+      done.stderr[-2000:])

@@ -376,3 +376,19 @@ def test_every_sampler_runs_on_the_dit_with_the_loglinear_schedule(method):
   out = np.asarray(sampling.sample(denoise_fn, jax.random.key(3), init, sched, vocab_size=V,
                                    num_steps=8, method=method))
   assert out.shape == (2, L) and out.min() >= 0 and out.max() < V
+
+
+def test_the_config_builds_mdlms_small_dit_parameter_for_parameter():
+  """169,627,218: the parameters of models/dit.py's DIT at MDLM's small size (configs/model/
+  small.yaml: hidden 768, cond 128, 12 blocks; vocabulary 50258), counted from its layers."""
+  cfg = config_lib.from_configdict(openwebtext.get_config())
+  spec = pipeline.get_spec(cfg.data)
+  shapes = jax.eval_shape(lambda: model.init_params(jax.random.key(0),
+                                                    model.build_network(cfg, spec), cfg.model,
+                                                    spec))
+  d, c, v = 768, 128, 50258
+  block = 2 * d + 3 * d * d + d * d + (d * 4 * d + 4 * d) + (4 * d * d + d) + (c * 6 * d + 6 * d)
+  mdlm = (v * d + (256 * c + c) + (c * c + c) + 12 * block + d + (d * v + v)
+          + (c * 2 * d + 2 * d))
+  assert mdlm == 169_627_218
+  assert sum(math.prod(x.shape) for x in jax.tree.leaves(shapes)) == mdlm

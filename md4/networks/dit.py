@@ -42,7 +42,7 @@ import jax.numpy as jnp
 
 from jax.ad_checkpoint import checkpoint_name
 
-from md4.networks import remat
+from md4.networks import attention, remat
 from md4.networks.transformer import canonical_dtype, check_inputs, check_positive
 
 Array = jax.Array
@@ -72,6 +72,7 @@ class DITConfig:
     num_classes: 0 only (MDLM's DIT is unconditional); present for the networks' common interface.
     dtype: compute dtype of the matrix products ("float32", "bfloat16", "float16").
     remat: the blocks' rematerialisation policy (md4.networks.remat.REMAT_POLICIES).
+    attention_impl: the attention kernel, a name in md4.networks.attention.ATTENTION_IMPLS.
   """
 
   vocab_size: int
@@ -85,6 +86,7 @@ class DITConfig:
   num_classes: int = 0
   dtype: Any = "float32"
   remat: str = "none"
+  attention_impl: str | None = None
 
   def __post_init__(self):
     check_positive(vocab_size=self.vocab_size, num_layers=self.num_layers,
@@ -100,6 +102,7 @@ class DITConfig:
                        f"{self.num_classes!r}")
     remat.check_remat(self.remat)
     object.__setattr__(self, "dtype", canonical_dtype(self.dtype))
+    attention.check_impl(self.attention_impl, self.dtype)
 
 
 def timestep_embedding(sigma: Array, dim: int = FREQUENCY_EMBEDDING_SIZE) -> Array:
@@ -162,7 +165,7 @@ class Block(nn.Module):
     qkv = dense(3 * d, "attn_qkv", bias=False)(h).reshape(b, length, 3, cfg.num_heads, -1)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     q, k = apply_rope(q, positions), apply_rope(k, positions)
-    a = jax.nn.dot_product_attention(q, k, v).reshape(b, length, d)
+    a = attention.attend(q, k, v, impl=cfg.attention_impl).reshape(b, length, d)
     a = dense(d, "attn_out", bias=False)(a).astype(jnp.float32)
     a = checkpoint_name(a, remat.ATTENTION_OUT)
     x = x + gate_msa[:, None] * drop(a)
