@@ -19,6 +19,7 @@ INSTALL_REQUIRES = [
     "tqdm==4.70.1",
     "pillow==12.1.1",
     "tiktoken==0.14.0",
+    "regex==2026.12.2",  # GPT-2's pre-tokenisation pattern for bpe:DIR (also tiktoken's).
     "pyarrow==26.0.1",
     "array-record==0.8.6",
     "safetensors==0.8.0",  # The GPT-2 judge's weights.
