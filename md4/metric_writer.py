@@ -1,6 +1,8 @@
 """One writer for metrics: JSON lines always, TensorBoard too when TensorFlow is installed.
 
-Metric names carry a namespace: "train/loss_bits", "eval/bits_per_char". Only process 0 writes.
+Metric names carry a namespace: "train/loss_bits", "eval/bits_per_char". Only process 0 writes. A
+resumed run first drops the JSON records past its checkpoint (keep_until), so metrics.jsonl holds
+each step once; TensorBoard's event files are append-only and keep both copies.
 """
 
 from __future__ import annotations
@@ -42,6 +44,36 @@ class MetricWriter:
     if self._tb is not None:
       self._tb.write_scalars(int(step), values)
       self._tb.flush()
+
+
+  def keep_until(self, step: int, *, drop_eval_at_step: bool = False) -> int:
+    """On resuming from the checkpoint of `step`: drops the records of later steps, which the
+    resumed run writes again, so that each step appears once (and, with drop_eval_at_step, the
+    evaluation records of `step` itself: a finished run that is rerun evaluates again). Lines cut
+    short by a killed process are dropped too. Returns how many records were dropped."""
+    if not self.enabled or not os.path.exists(self.path):
+      return 0
+    kept, dropped = [], 0
+    with open(self.path) as f:
+      for line in f:
+        try:
+          record = json.loads(line)
+        except json.JSONDecodeError:
+          dropped += bool(line.strip())
+          continue
+        later = record["step"] > step
+        again = drop_eval_at_step and record["step"] == step and any(
+            k.startswith("eval/") for k in record)
+        if later or again:
+          dropped += 1
+        else:
+          kept.append(line if line.endswith("\n") else line + "\n")
+    if dropped:
+      tmp = self.path + ".tmp"
+      with open(tmp, "w") as f:
+        f.writelines(kept)
+      os.replace(tmp, self.path)
+    return dropped
 
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:

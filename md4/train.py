@@ -14,7 +14,7 @@ import math
 import os
 import signal
 import time
-from typing import Callable, NamedTuple
+from typing import Callable, Iterator, NamedTuple
 
 import flax
 import flax.linen as nn
@@ -28,13 +28,15 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from md4 import checks, elbo, generate, model, sharding
-from md4.checkpoint import Checkpointer
+from md4.checkpoint import Checkpointer, Restored
 from md4.config import Config
 from md4.data import pipeline
 from md4.data.pipeline import Dataset, DatasetSpec
 from md4.evaluate import EvalResult, Evaluator
+from md4.failures import StorageError, describe
 from md4.metric_writer import MetricWriter
 from md4.state import TrainState, fold_in_name, inference_params, stream_key
+from md4.workdir_lock import WorkdirInUse, WorkdirLock
 
 
 @flax.struct.dataclass
@@ -262,21 +264,78 @@ def check_ids(batch: dict[str, np.ndarray], spec: DatasetSpec, dataset: Dataset,
 
 
 def train(cfg: Config, workdir: str, *, dataset: Dataset | None = None,
-          mesh: Mesh | None = None) -> TrainResult:
-  """Trains cfg in workdir, resuming from its latest checkpoint; returns the final state.
+          mesh: Mesh | None = None, checkpoint_step: int | None = None) -> TrainResult:
+  """Trains cfg in workdir, resuming from its newest intact checkpoint (or from checkpoint_step);
+  returns the final state.
 
-  Order at each step: train, check, save (if due), then the hooks (eval, samples), so a failing hook
-  loses nothing: its step is saved before the error is raised. Nothing non-finite is ever saved.
+  The workdir's lock (md4.workdir_lock) is held throughout: a second run on it is refused. Order at
+  each step: train, check, save (if due), then the hooks (eval, samples), so a failing hook loses
+  nothing: its step is saved before the error is raised. Nothing non-finite is ever saved.
   """
   dataset = pipeline.load(cfg.data) if dataset is None else dataset
   setup = make_setup(cfg, dataset.spec, mesh)
-  tcfg = cfg.train
+  with _hold_workdir(workdir) as lock:
+    return _train(setup, dataset, workdir, lock, checkpoint_step)
+
+
+@contextlib.contextmanager
+def _hold_workdir(workdir: str) -> Iterator[WorkdirLock | None]:
+  """The workdir's lock, held by process 0 for every process; the same error everywhere if it is
+  taken."""
+  lock, error = None, None
+  if jax.process_index() == 0:
+    lock = WorkdirLock(workdir, log=_log)
+    try:
+      lock.acquire()
+    except WorkdirInUse as e:
+      lock, error = None, e
+  if jax.process_count() > 1:
+    taken = bool(multihost_utils.broadcast_one_to_all(np.int32(error is None)))
+    if not taken and error is None:
+      error = WorkdirInUse(f"process 0 could not take the lock of the workdir {workdir} (its "
+                           "output says who holds it)")
+  if error is not None:
+    raise error
+  try:
+    yield lock
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _resume(checkpointer: Checkpointer, setup: Setup, abstract: TrainState, writer: MetricWriter,
+            checkpoint_step: int | None) -> Restored | None:
+  """The verified state to resume from, after clearing what killed runs left; newer checkpoints
+  (unreadable ones, or all newer than checkpoint_step) are set aside so this run can write their
+  steps again, and metrics.jsonl is cut back to the resumed step."""
+  for path in checkpointer.remove_partial_saves():
+    _log(f"removed {path}: the partial save of a run that was killed while saving")
+  restored = checkpointer.restore(abstract, setup.tx.init, checkpoint_step)
+  if restored is None:
+    return None
+  step = int(restored.state.step)
+  reasons = {e.step: e.reason for e in restored.skipped}
+  newer = [s for s in checkpointer.steps() if s > step]
+  for s, path in zip(newer, checkpointer.set_aside(newer)):
+    why = (f"it cannot be restored: {reasons[s]}" if s in reasons else
+           f"--checkpoint_step={step} resumes from an older step")
+    _log(f"set aside the checkpoint at step {s}, moved unchanged to {path}: {why}")
+  dropped = writer.keep_until(step, drop_eval_at_step=step == setup.cfg.train.num_steps)
+  if dropped:
+    _log(f"dropped {dropped} record(s) past step {step} from {writer.path}: this run writes them "
+         "again")
+  return restored
+
+
+def _train(setup: Setup, dataset: Dataset, workdir: str, lock: WorkdirLock | None,
+           checkpoint_step: int | None) -> TrainResult:
+  cfg, tcfg = setup.cfg, setup.cfg.train
   checkpointer = Checkpointer(workdir, cfg)
   writer = MetricWriter(workdir)
   data_iter = dataset.train_iterator(tcfg.batch_size, tcfg.seed, jax.process_index(),
                                      jax.process_count(), cfg.data.num_workers)
   abstract = abstract_state(setup)
-  restored = checkpointer.restore(abstract, setup.tx.init)
+  restored = _resume(checkpointer, setup, abstract, writer, checkpoint_step)
   if restored is None:
     state = create_state(setup)
   else:
@@ -302,6 +361,8 @@ def train(cfg: Config, workdir: str, *, dataset: Dataset | None = None,
 
   def save(done, loss):
     nonlocal saved
+    if lock is not None:
+      lock.check()
     _check_finite(done, loss, state, saved, checkpointer.directory)
     checkpointer.save(state, data_iter.get_state())
     saved = done
@@ -310,7 +371,8 @@ def train(cfg: Config, workdir: str, *, dataset: Dataset | None = None,
   preempted = False
   # The bar is closed before any error propagates, so the message is printed on its own line; the
   # stream's worker processes stop with the loop, not when the iterator is garbage collected.
-  with _Preemption() as preemption, contextlib.closing(bar), contextlib.closing(data_iter):
+  with (_storage_errors(checkpointer), _Preemption() as preemption, contextlib.closing(bar),
+        contextlib.closing(data_iter)):
     for step in range(start, tcfg.num_steps):
       local, source_index = model_batch(next(data_iter))
       check_ids(local, dataset.spec, dataset, source_index, step)
@@ -367,10 +429,21 @@ def train(cfg: Config, workdir: str, *, dataset: Dataset | None = None,
     _check_loss(*pending)
   if preempted:
     return TrainResult(state, None, True)
-  result = evaluator(inference_params(state, cfg, "eval"), dataset)
-  writer.write(int(state.step), result.metrics())
+  with _storage_errors(checkpointer):
+    result = evaluator(inference_params(state, cfg, "eval"), dataset)
+    writer.write(int(state.step), result.metrics())
   _report(result, dataset, cfg)
   return TrainResult(state, result, False)
+
+
+@contextlib.contextmanager
+def _storage_errors(checkpointer: Checkpointer) -> Iterator[None]:
+  """An OSError (a full disk, a lost permission, an I/O error) becomes one StorageError naming the
+  file, the cause and the last good checkpoint."""
+  try:
+    yield
+  except OSError as e:
+    raise StorageError(f"{describe(e)}; {checkpointer.last_good_text()}") from e
 
 
 def _check_loss(step: int, loss: jax.Array) -> None:
