@@ -16,8 +16,9 @@ process; one silent for `timeout_s` seconds is declared dead and every survivor 
 ("Terminating process because the JAX distributed service detected fatal errors ... another task
 died") instead of hanging in a collective. The shutdown barrier at exit waits at most `timeout_s`
 for the others, and start-up waits at most `init_timeout_s` for every process to connect. On CPU a
-collective whose peer died fails at once (gloo sees the closed socket); md4's CLI then exits
-(exit_now_if_multiprocess) without waiting at the shutdown barrier for peers that are gone.
+collective whose peer died fails at once (gloo sees the closed socket), and so does a checkpoint
+save whose peer died (Orbax's barrier fails); md4's CLI then exits 1 at once, after its one-line
+message (exit_now_if_multiprocess), without waiting at the shutdown barrier for peers that are gone.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ from __future__ import annotations
 import math
 import os
 import sys
-import traceback
 
 import jax
 
@@ -129,26 +129,27 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   return True
 
 
-def exit_now_if_multiprocess(prefix: str, error: BaseException) -> None:
-  """In a multi-process run: prints `error` with its traceback and ends this process now, status 1.
+def exit_now_if_multiprocess(prefix: str, message: str, error: BaseException) -> None:
+  """In a multi-process run: prints `PREFIX: error in process I of N: MESSAGE` and ends this process
+  now, status 1, whatever the error (a config error, a failed save, a failed collective).
 
-  An unexpected error there usually means a peer died (a collective failed), or makes the peers
-  wait for this process; a normal exit would then sit at JAX's shutdown barrier for up to timeout_s
-  waiting for processes that are gone, while exiting at once lets the peers fail fast too. In a
-  single-process run it returns, and the caller re-raises.
+  An error there usually means a peer died (a collective or a barrier inside a checkpoint save
+  failed), or makes the peers wait for this process; a normal exit would then sit at JAX's shutdown
+  barrier for up to timeout_s waiting for processes that are gone, and die by SIGABRT there, while
+  exiting at once lets the peers fail fast too. In a single-process run it returns, and the caller
+  exits as usual.
   """
   if not jax.distributed.is_initialized():
     return
-  traceback.print_exception(error)
   try:
     where = f"process {jax.process_index()} of {jax.process_count()}"
   except Exception:  # The backend itself failed to start.
     where = "a multi-process run"
   hint = ""
   if isinstance(error, jax.errors.JaxRuntimeError):
-    hint = ("\n  a computation across processes failed: another process has probably died or "
+    hint = ("; a computation across processes failed: another process has probably died or "
             "stopped; see its log")
   sys.stdout.flush()
-  sys.stderr.write(f"{prefix}: error in {where}: {type(error).__name__}: {error}{hint}\n")
+  sys.stderr.write(f"{prefix}: error in {where}: {message}{hint}\n")
   sys.stderr.flush()
   os._exit(1)

@@ -1,6 +1,7 @@
 """The md4 command line.
 
-  md4 train  [--config=configs/demo.py] [--workdir=runs/NAME] [--config.KEY=VALUE ...]
+  md4 train  [--config=configs/demo.py] [--workdir=runs/NAME] [--checkpoint_step=N]
+             [--config.KEY=VALUE ...]
   md4 eval   [--config=...] [--workdir=...] [--checkpoint_step=N] [--split=valid]
              [--zero_shot=NAME --source=FILES | --zero_shot=all --source=NAME=FILE,...]
              [--model=DIR]   with --zero_shot: a Hugging Face GPT-2 directory instead of a workdir
@@ -19,6 +20,9 @@ Several processes (one per host or GPU): train/eval/sample join them through jax
 slice (md4/distributed.py; launch/ has a script per kind of cluster).
 
 The config is read once here, locked, and turned into md4.config.Config; an unknown key is an error.
+Every error ends the command with `md4 COMMAND: error: ...` and status 1; the traceback of one md4
+did not word itself (storage, a peer, a bug) goes to the workdir's error log, named in that line
+(md4/failures.py), not to the terminal.
 Samples use cfg.sample (method, steps, top_p, ...), overridable like any key:
 --config.sample.method=first_hitting. In --infill templates '_' marks a character to fill.
 """
@@ -29,7 +33,6 @@ import os
 import importlib
 import pathlib
 import sys
-import traceback
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -52,8 +55,10 @@ _CONFIG = config_flags.DEFINE_config_file(
     "Config file, optionally with a preset: configs/md4/text8.py:tiny.", lock_config=True)
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Run directory (checkpoints, metrics, samples); default runs/<config name>.")
-_STEP = flags.DEFINE_integer("checkpoint_step", None, "eval/sample/convert: checkpoint step "
-                             "(default: latest).")
+_STEP = flags.DEFINE_integer(
+    "checkpoint_step", None, "train: resume from this step (default: the newest intact "
+    "checkpoint; newer ones are set aside); eval/sample: read this step (default: the latest); "
+    "convert: the released checkpoint's step.")
 _FROM_REFERENCE = flags.DEFINE_string(
     "from_reference", None, "convert: a checkpoint of google-deepmind/md4 (its workdir, "
     "checkpoints/ directory, step directory or train_state directory).")
@@ -140,7 +145,7 @@ def _restore_for_inference(cfg, workdir, step):
 
 def _train(cfg, workdir):
   from md4 import train
-  train.train(cfg, workdir)
+  train.train(cfg, workdir, checkpoint_step=_STEP.value)
 
 
 def _eval(cfg, workdir):
@@ -454,12 +459,14 @@ def main(argv):
              f"{' '.join(argv[1:]) or 'no command'}")
   command = argv[1]
   from md4 import config as config_lib
-  from md4 import distributed
+  from md4 import distributed, failures
   try:
     cfg = config_lib.from_configdict(_CONFIG.value)
   except ValueError as e:
     sys.exit(f"md4 {command}: error: {e}")
   workdir = _WORKDIR.value or _default_workdir()
+  errors = failures.ErrorLog(workdir, f"md4 {command}")
+  errors.capture_background_errors()
   try:
     if command in ("info", "convert"):  # Single-process commands: no distributed set-up.
       _check(cfg)
@@ -468,17 +475,34 @@ def main(argv):
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     _check(cfg)
     {"train": _train, "eval": _eval, "sample": _sample}[command](cfg, workdir)
-  except (ValueError, FloatingPointError) as e:
-    sys.exit(f"md4 {command}: error: {e}")
+  except (ValueError, FloatingPointError) as e:  # md4's own messages: complete in one line.
+    _exit(command, str(e), e)
   except Exception as e:  # pylint: disable=broad-except
-    train = sys.modules.get("md4.train")  # Only the trainer raises HookError.
-    if train is not None and isinstance(e, train.HookError):
-      # The hook's own traceback, then the one line that matters.
-      traceback.print_exception(e.__cause__, file=sys.stderr)
-      sys.exit(f"md4 {command}: error: {e}")
-    # Several processes: exit now rather than wait for peers that may be gone.
-    distributed.exit_now_if_multiprocess(f"md4 {command}", e)
-    raise
+    # Storage, a peer or a bug: the line says what and where; the traceback goes to the log.
+    log = errors.record(e)
+    message = str(e) if isinstance(e, failures.StorageError) else _one_line(e)
+    _exit(command, message + (f" (full traceback in {log})" if log else ""), e)
+
+
+def _one_line(error: BaseException) -> str:
+  """An unexpected error in a line: a hook's failure as the trainer words it, an OSError as its
+  cause and file, anything else as its type and the first line of its message."""
+  train = sys.modules.get("md4.train")  # Only the trainer raises HookError.
+  if train is not None and isinstance(error, train.HookError):
+    return str(error)
+  from md4 import failures
+  if isinstance(error, OSError):
+    return failures.describe(error)
+  text = str(error).strip()
+  return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def _exit(command: str, message: str, error: BaseException) -> None:
+  """Prints `md4 COMMAND: error: MESSAGE` and exits 1: at once in a multi-process run (see
+  md4.distributed.exit_now_if_multiprocess)."""
+  from md4 import distributed
+  distributed.exit_now_if_multiprocess(f"md4 {command}", message, error)
+  sys.exit(f"md4 {command}: error: {message}")
 
 
 def _check(cfg) -> None:
