@@ -35,16 +35,19 @@ def _free_port() -> int:
 
 
 def _start(workdir: str, num_processes: int, args: list[str], log_dir: str,
-           command: str = "train") -> list[subprocess.Popen]:
-  """`md4 COMMAND` as num_processes processes on localhost, each with one CPU device."""
+           command: str = "train", prefixes: dict[int, list[str]] | None = None
+           ) -> list[subprocess.Popen]:
+  """`md4 COMMAND` as num_processes processes on localhost, each with one CPU device; process i runs
+  prefixes[i] + its arguments instead of `python -m md4.main` if given."""
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
              PYTHONUNBUFFERED="1")
   port = _free_port()
   procs = []
   for i in range(num_processes):
     log = open(os.path.join(log_dir, f"process_{i}.log"), "w")
+    program = (prefixes or {}).get(i, [sys.executable, "-m", "md4.main"])
     procs.append(subprocess.Popen(
-        [sys.executable, "-m", "md4.main", command, f"--config={ROOT}/configs/tiny.py",
+        program + [command, f"--config={ROOT}/configs/tiny.py",
          f"--workdir={workdir}", f"--coordinator_address=127.0.0.1:{port}",
          f"--num_processes={num_processes}", f"--process_id={i}"] + args,
         stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env))
@@ -219,3 +222,52 @@ def test_slurm_step_is_detected_but_not_a_bare_allocation(monkeypatch):
   assert distributed.detect_num_processes() == (1, "")  # `python` in an sbatch script, no srun.
   monkeypatch.setenv("SLURM_STEP_NODELIST", "node[01-04]")
   assert distributed.detect_num_processes() == (4, "slurm")
+
+
+# `md4 train` as process 1 of a run, killing itself (SIGKILL) in the middle of the checkpoint save of
+# step 3: after its arrays are handed to Orbax, before the save's closing barriers.
+KILLED_IN_SAVE = r"""
+import os, signal, sys
+sys.path.insert(0, {root!r})
+from orbax.checkpoint._src.handlers import base_pytree_checkpoint_handler as handler
+from md4 import main
+
+original = handler.BasePyTreeCheckpointHandler.async_save
+
+async def save_then_die(self, directory, *args, **kwargs):
+  result = await original(self, directory, *args, **kwargs)
+  print("process 1 killing itself mid-save in", directory, flush=True)
+  os.kill(os.getpid(), signal.SIGKILL)
+  return result
+
+handler.BasePyTreeCheckpointHandler.async_save = save_then_die
+sys.argv[0] = "md4"
+main.run()
+"""
+
+
+def test_a_peer_killed_during_a_save_ends_the_run_at_once_with_one_line(tmp_path):
+  workdir, logs = str(tmp_path / "run"), str(tmp_path / "logs")
+  os.makedirs(logs)
+  victim_prefix = [sys.executable, "-c", KILLED_IN_SAVE.format(root=ROOT)]
+  procs = _start(workdir, 2, ["--config.train.num_steps=6"], logs,
+                 prefixes={1: victim_prefix})
+  procs[1].wait(timeout=RUN_TIMEOUT_S)
+  died = time.monotonic()
+  assert procs[1].returncode == -signal.SIGKILL, _output(logs, 1)[-3000:]
+  assert "killing itself mid-save" in _output(logs, 1)
+  try:
+    procs[0].wait(timeout=150)
+  except subprocess.TimeoutExpired:
+    procs[0].kill()
+    pytest.fail(f"process 0 hung after process 1 died mid-save:\n{_output(logs, 0)[-3000:]}")
+  elapsed = time.monotonic() - died
+  out = _output(logs, 0)
+  last = out.strip().splitlines()[-1]
+  assert procs[0].returncode == 1, out[-3000:]
+  assert re.match(r"md4 train: error in process 0 of 2: could not write the checkpoint of step 3 "
+                  r"to .*another process dies.*full traceback in .*md4_errors\.log\)$", last), out
+  assert "Traceback" not in out, out[-3000:]
+  # Exits well before the heartbeat timeout would have ended it, and without the shutdown barrier.
+  assert elapsed < distributed.DEFAULT_TIMEOUT_S / 2, f"{elapsed:.0f} s"
+  print(f"process 0 exited {elapsed:.1f} s after process 1 died mid-save")
