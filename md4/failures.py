@@ -74,6 +74,18 @@ def describe(error: BaseException) -> str:
   return f"{words}{type(innermost).__name__}: {message}" if message else type(innermost).__name__
 
 
+def summary(error: BaseException) -> str:
+  """An error in one line: the message of a StorageError or of a trainer's hook failure (complete
+  already), an OSError's cause and file, anything else its type and the first line of its text."""
+  train = sys.modules.get("md4.train")  # Only the trainer raises HookError; do not import it.
+  if isinstance(error, StorageError) or (train is not None and isinstance(error, train.HookError)):
+    return str(error)
+  if isinstance(error, OSError):
+    return describe(error)
+  text = str(error).strip()
+  return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
+
+
 def is_out_of_space(error: BaseException) -> bool:
   """Whether the chain holds a full disk or quota (from Python or TensorStore)."""
   codes = (errno.ENOSPC, errno.EDQUOT)

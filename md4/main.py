@@ -480,21 +480,8 @@ def main(argv):
   except Exception as e:  # pylint: disable=broad-except
     # Storage, a peer or a bug: the line says what and where; the traceback goes to the log.
     log = errors.record(e)
-    message = str(e) if isinstance(e, failures.StorageError) else _one_line(e)
+    message = failures.summary(e)
     _exit(command, message + (f" (full traceback in {log})" if log else ""), e)
-
-
-def _one_line(error: BaseException) -> str:
-  """An unexpected error in a line: a hook's failure as the trainer words it, an OSError as its
-  cause and file, anything else as its type and the first line of its message."""
-  train = sys.modules.get("md4.train")  # Only the trainer raises HookError.
-  if train is not None and isinstance(error, train.HookError):
-    return str(error)
-  from md4 import failures
-  if isinstance(error, OSError):
-    return failures.describe(error)
-  text = str(error).strip()
-  return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
 
 
 def _exit(command: str, message: str, error: BaseException) -> None:
