@@ -3,8 +3,9 @@
 `attend(q, k, v, impl=..., causal=...)` computes softmax(q k^T / sqrt(H)) v per head, with the
 implementation chosen by name (`ATTENTION_IMPLS`). Every implementation computes the same function;
 they differ in speed and memory on each backend, and in which dtypes and shapes they accept.
-Dropout on the attention probabilities needs them formed explicitly (`attention_probs`), which
-the networks do themselves when it is active.
+impl=None picks one for the backend at trace time (`default_impl`). Dropout on the attention
+probabilities needs them formed explicitly (`attention_probs`, then `apply_probs`), which the
+networks do themselves when it is active.
 """
 
 from __future__ import annotations
@@ -18,6 +19,33 @@ import jax.numpy as jnp
 Array = jax.Array
 
 
+def _causal_mask(scores: Array) -> Array:
+  length = scores.shape[-1]
+  return jnp.where(jnp.tril(jnp.ones((length, length), bool)), scores, -jnp.inf)
+
+
+def attention_probs(q: Array, k: Array, causal: bool = False) -> Array:
+  """float32[B, N, L, L]: the attention probabilities, for dropout on them.
+
+  q, k: [B, L, N, H]. Heads become a batch axis and the scores one batched matmul: on XLA:CPU this
+  compiles to fewer copies and transposes than an einsum over [B, L, N, H] or
+  jax.nn.dot_product_attention (BENCHMARKS.md, "Attention on XLA:CPU").
+  """
+  scores = jnp.matmul(q.swapaxes(1, 2), k.swapaxes(1, 2).swapaxes(2, 3)) / math.sqrt(q.shape[-1])
+  if causal:
+    scores = _causal_mask(scores)
+  return jax.nn.softmax(scores.astype(jnp.float32), axis=-1)
+
+
+def apply_probs(probs: Array, v: Array) -> Array:
+  """[B, L, N, H] in v's dtype: probs: [B, N, L, L] applied to the values v: [B, L, N, H]."""
+  return jnp.matmul(probs.astype(v.dtype), v.swapaxes(1, 2)).swapaxes(1, 2)
+
+
+def _matmul(q: Array, k: Array, v: Array, causal: bool) -> Array:
+  return apply_probs(attention_probs(q, k, causal), v)
+
+
 def _xla(q: Array, k: Array, v: Array, causal: bool) -> Array:
   return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="xla")
 
@@ -26,16 +54,58 @@ def _cudnn(q: Array, k: Array, v: Array, causal: bool) -> Array:
   return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn")
 
 
-# name -> (q, k, v: [B, L, N, H], causal) -> [B, L, N, H]. None: jax.nn.dot_product_attention's own
-# choice for the backend.
+# Implementations that run in half precision only.
+HALF_PRECISION_ONLY = ("cudnn",)
+# cuDNN's fused (flash) attention in bfloat16/float16: head widths that are multiples of 8 up to 128
+# (256 from Hopper on; 128 keeps one rule), on GPUs of compute capability 8.0 (Ampere) and later.
+_CUDNN_MAX_HEAD_DIM = 128
+_CUDNN_MIN_CAPABILITY = 8.0
+
+
+def default_impl(backend: str, dtype: jnp.dtype, head_dim: int,
+                 gpu_capability: float | None = None) -> str:
+  """The implementation that impl=None runs: the fastest measured for the backend, among those
+  that accept the dtype and shape.
+
+  Args:
+    backend: jax.default_backend() ("cpu", "gpu" or "tpu").
+    dtype: the queries' dtype.
+    head_dim: H, the width of each head.
+    gpu_capability: the GPU's CUDA compute capability (e.g. 9.0), or None when unknown.
+  """
+  if backend == "cpu":
+    return "matmul"
+  if backend == "gpu":
+    half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    shape_ok = head_dim % 8 == 0 and head_dim <= _CUDNN_MAX_HEAD_DIM
+    device_ok = gpu_capability is not None and gpu_capability >= _CUDNN_MIN_CAPABILITY
+    return "cudnn" if half and shape_ok and device_ok else "xla"
+  return "xla"
+
+
+def _gpu_capability() -> float | None:
+  capability = getattr(jax.devices()[0], "compute_capability", None)
+  try:
+    return float(capability)
+  except (TypeError, ValueError):  # ROCm reports an architecture name, not a number.
+    return None
+
+
+def _auto(q: Array, k: Array, v: Array, causal: bool) -> Array:
+  backend = jax.default_backend()
+  capability = _gpu_capability() if backend == "gpu" else None
+  return _IMPLS[default_impl(backend, q.dtype, q.shape[-1], capability)](q, k, v, causal)
+
+
+# name -> (q, k, v: [B, L, N, H], causal) -> [B, L, N, H]. None: `default_impl`'s choice for the
+# backend and dtype at trace time.
 _IMPLS: dict[str | None, Callable[[Array, Array, Array, bool], Array]] = {
-    None: lambda q, k, v, causal: jax.nn.dot_product_attention(q, k, v, is_causal=causal),
+    None: _auto,
+    "matmul": _matmul,
     "xla": _xla,
     "cudnn": _cudnn,
 }
 ATTENTION_IMPLS: tuple[str | None, ...] = tuple(_IMPLS)
-# Implementations that run in half precision only.
-HALF_PRECISION_ONLY = ("cudnn",)
 
 
 def check_impl(impl: str | None, dtype: jnp.dtype) -> None:
@@ -52,22 +122,10 @@ def attend(q: Array, k: Array, v: Array, *, impl: str | None = None, causal: boo
 
   Args:
     q, k, v: [B, L, N, H] queries, keys and values (N heads of width H).
-    impl: a name in ATTENTION_IMPLS.
+    impl: a name in ATTENTION_IMPLS; None: default_impl's choice for the backend.
     causal: each position attends only to itself and earlier ones.
 
   Returns:
     [B, L, N, H] in v's dtype.
   """
   return _IMPLS[impl](q, k, v, causal)
-
-
-def attention_probs(q: Array, k: Array, causal: bool = False) -> Array:
-  """float32[B, N, L, L]: the attention probabilities, for dropout on them.
-
-  q, k: [B, L, N, H].
-  """
-  scores = jnp.einsum("bqnh,bknh->bnqk", q, k) / math.sqrt(q.shape[-1])
-  if causal:
-    length = q.shape[1]
-    scores = jnp.where(jnp.tril(jnp.ones((length, length), bool)), scores, -jnp.inf)
-  return jax.nn.softmax(scores.astype(jnp.float32), axis=-1)

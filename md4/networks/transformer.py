@@ -350,7 +350,7 @@ class SelfAttention(nn.Module):
     if self.dropout_rate > 0 and not self.deterministic:
       probs = attention.attention_probs(q, k, self.causal)
       probs = nn.Dropout(self.dropout_rate, deterministic=False)(probs)
-      out = jnp.einsum("bnqk,bknh->bqnh", probs.astype(v.dtype), v)
+      out = attention.apply_probs(probs, v)
     else:
       out = attention.attend(q, k, v, impl=self.attention_impl, causal=self.causal)
     return nn.DenseGeneral(d, axis=(-2, -1), use_bias=False, dtype=self.dtype, name="out")(out)
@@ -570,7 +570,8 @@ class TransformerConfig:
       to float rounding.
     rope_base: RoPE wavelength base.
     attention_impl: the attention kernel, a name in md4.networks.attention.ATTENTION_IMPLS
-      (None: jax's choice for the backend; "cudnn": fused flash attention on NVIDIA GPUs, bf16/fp16).
+      (None: attention.default_impl's choice for the backend; "cudnn": fused flash attention on
+      NVIDIA GPUs, bf16/fp16).
     causal: causal attention, for an autoregressive model (model.objective="autoregressive"),
       such as the demo's judge of sample quality; the diffusion models are bidirectional.
   """

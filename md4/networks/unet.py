@@ -223,7 +223,8 @@ class UNetConfig:
       md4.networks.remat.REMAT_POLICIES ("none": none). ResBlocks tag no values, so
       "attention_and_mlp" keeps nothing in them, as "full".
     attention_impl: the attention kernel, a name in md4.networks.attention.ATTENTION_IMPLS
-      (None: jax's choice for the backend; "cudnn": fused flash attention on NVIDIA GPUs, bf16/fp16).
+      (None: attention.default_impl's choice for the backend; "cudnn": fused flash attention on
+      NVIDIA GPUs, bf16/fp16).
   """
 
   vocab_size: int = 256

@@ -92,7 +92,8 @@ class UViTConfig:
       "attention_and_mlp" the transformer blocks keep their tagged branch outputs and the ResBlocks,
       which tag nothing, keep nothing.
     attention_impl: the attention kernel, a name in md4.networks.attention.ATTENTION_IMPLS
-      (None: jax's choice for the backend; "cudnn": fused flash attention on NVIDIA GPUs, bf16/fp16).
+      (None: attention.default_impl's choice for the backend; "cudnn": fused flash attention on
+      NVIDIA GPUs, bf16/fp16).
   """
 
   vocab_size: int = 256
