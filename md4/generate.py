@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from md4 import checks, model, sampling
+from md4 import checks, model, readout, sampling
 from md4.config import Config
 from md4.data import text8
 from md4.data.pipeline import Dataset, DatasetSpec
@@ -88,7 +88,7 @@ class Sampler:
       denoise_fn = model.guided_denoiser(network, params, labels, null=null, scale=scale)
     if cfg.model.extra_tokens:  # Ids that never occur in the data are never drawn.
       real = jnp.arange(cfg.model.vocab_size) < cfg.model.vocab_size - cfg.model.extra_tokens
-      denoise_fn = lambda z, t, f=denoise_fn: jnp.where(real, f(z, t), -jnp.inf)
+      denoise_fn = readout.map_logits(denoise_fn, lambda logits: jnp.where(real, logits, -jnp.inf))
     options = dict(vocab_size=cfg.model.vocab_size, num_steps=s.num_steps, method=s.method,
                    top_p=None if s.top_p >= 1.0 else s.top_p, time_grid_kind=s.time_grid,
                    reuse_unchanged=s.reuse_unchanged, temperature=s.temperature,

@@ -1,7 +1,7 @@
 """Glue between a network and the math: parameters, the schedule, the denoiser, the objective.
 
 The network knows nothing of diffusion and the math knows nothing of Flax; they meet here, through
-denoise_fn(z_t, t) -> logits. Parameters are {"net": network params} plus, for GenMD4,
+denoise_fn(z_t, t) -> logits (split into body and output layer for the samplers: `denoiser`). Parameters are {"net": network params} plus, for GenMD4,
 {"schedule": {"raw_power": float32[V]}} with w = softplus(raw_power) > 0.
 
 model.objective picks what a model is trained and evaluated on (`OBJECTIVES`): "diffusion" (MD4,
@@ -19,9 +19,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from md4 import autoregressive, elbo, networks, sampling, schedules
+from md4 import autoregressive, elbo, networks, readout, sampling, schedules
 from md4.config import Config, ModelConfig
 from md4.data.pipeline import DatasetSpec
+from md4.networks import transformer
 
 Params = Any
 
@@ -102,37 +103,58 @@ def drop_labels(labels: jax.Array, key: jax.Array, rate: float, null: int) -> ja
 
 
 def denoiser(network: nn.Module, params: Params, cond: jax.Array | None = None, *,
-             dropout_rng: jax.Array | None = None):
-  """denoise_fn(z: int32[B, *S], t: float32[B]) -> float32[B, *S, V]; dropout on iff dropout_rng."""
+             dropout_rng: jax.Array | None = None) -> readout.SplitDenoiser:
+  """The network as a denoiser; dropout on iff dropout_rng.
+
+  Called, (z: int32[B, *S], t: float32[B]) -> float32[B, *S, V] logits. As a readout.SplitDenoiser,
+  the samplers that know which positions they reveal run the network body once and the output layer
+  at those positions only: the transformer's body gives the output layer's input features, and its
+  output layer reads them out at given positions (the rows of the full logits, bitwise). The image
+  networks have no such split: their full logits are read out by gathering.
+  """
   train = dropout_rng is not None
   rngs = {"dropout": dropout_rng} if train else {}
 
-  def denoise_fn(z, t):
+  def apply(z, t, **kwargs):
     c = cond
     if c is not None and c.shape[0] != z.shape[0]:
       # GenMD4's training loss stacks two masked copies of the batch, [z1; z2], in one call.
       c = jnp.tile(c, z.shape[0] // c.shape[0])
-    return network.apply({"params": params["net"]}, z, t, cond=c, train=train, rngs=rngs)
+    return network.apply({"params": params["net"]}, z, t, cond=c, train=train, rngs=rngs,
+                         **kwargs)
 
-  return denoise_fn
+  if not isinstance(network, networks.Transformer):
+    return readout.as_split(apply)
+
+  def logits(h, positions):
+    if positions is not None:
+      h = jnp.take_along_axis(h, positions[..., None], axis=1)
+    return transformer.project_features(network.config, params["net"], h)
+
+  return readout.SplitDenoiser(lambda z, t: apply(z, t, features=True), logits)
 
 
 def guided_denoiser(network: nn.Module, params: Params, cond: jax.Array, *, null: int,
-                    scale: float):
+                    scale: float) -> readout.SplitDenoiser:
   """Classifier-free guidance: denoise_fn(z: int32[B, *S], t: float32[B]) -> float32[B, *S, V]
   log-probabilities of p_u^(1 - scale) p_c^scale, renormalised (sampling.guided_logits), where p_c is
   the network given the labels cond: int32[B] and p_u given the null class `null` ("no class").
 
   Both come from one network call on the doubled batch [z; z] with labels [cond; null], so a
-  sampler's num_calls counts each guided call once (a call of twice the batch).
+  sampler's num_calls counts each guided call once (a call of twice the batch). Split as `denoiser`
+  is: read out at given positions, both halves are read out there.
   """
   both = denoiser(network, params, jnp.concatenate([cond, jnp.full_like(cond, null)]))
 
-  def denoise_fn(z, t):
-    logits_c, logits_u = jnp.split(both(jnp.concatenate([z, z]), jnp.concatenate([t, t])), 2)
+  def features(z, t):
+    return both.features(jnp.concatenate([z, z]), jnp.concatenate([t, t]))
+
+  def logits(h, positions):
+    doubled = None if positions is None else jnp.concatenate([positions, positions])
+    logits_c, logits_u = jnp.split(both.logits(h, doubled), 2)
     return sampling.guided_logits(logits_c, logits_u, scale)
 
-  return denoise_fn
+  return readout.SplitDenoiser(features, logits)
 
 
 def _diffusion_training(cfg: Config, network, params, x, keys, times, label, dropout_rng):

@@ -12,6 +12,12 @@ unconditional denoiser (classifier-free guidance).
 Conditioning is by initialisation: positions of `init` equal to the mask id are generated, all others
 are kept. A whole sampling run is one lax loop, so it compiles once.
 
+Reveal first: with a state-independent schedule, ancestral, euler, mean and first_hitting decide
+which masked positions a step reveals before they call the network (that choice does not depend on
+the network's output; see `_sample_reveal_first`), skip the call on a step that reveals nothing in
+any row, and read the network out only at the revealed positions (md4.readout: a denoiser split
+into body and output layer; a plain (z, t) -> logits callable works too, read out by gathering).
+
 Categorical draws use an exponential race, argmax_v(log p_v - log E_v) with E_v ~ Exp(1) computed as
 -log1p(-u) from a uniform u that carries 48 random bits near 0. The float32 Gumbel-max trick cannot
 draw a token whose probability is below about 4e-9 of the largest (its noise spans only ~19.4 nats),
@@ -28,12 +34,15 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from md4 import readout
 from md4.elbo import check_schedule, check_tokens
+from md4.readout import SplitDenoiser
 from md4.schedules import Schedule, StateDependentPoly, rate
 
 Array = jax.Array
 AnySchedule = Schedule | StateDependentPoly
-DenoiseFn = Callable[[Array, Array], Array]
+# (z: int32[B, *S], t: float32[B]) -> float32[B, *S, V] logits, or a readout.SplitDenoiser.
+DenoiseFn = Callable[[Array, Array], Array] | SplitDenoiser
 
 METHODS = ("ancestral", "euler", "mean", "first_hitting", "maskgit", "remdm")
 TIME_GRIDS = ("uniform", "cosine")
@@ -127,19 +136,26 @@ def _step_probs(method: str, schedule: AnySchedule, t: Array, s: Array) -> Array
 
 
 def _grid_step(key: Array, method: str, z: Array, logp: Array, r: Array, mask_id: int) -> Array:
-  """One step of ancestral / euler / mean. logp: float32[B, *S, V]; r: float32[V] or []."""
+  """One step of ancestral / euler / mean for a state-dependent schedule, whose unmasking
+  probability depends on the token: logp: float32[B, *S, V]; r: float32[V]."""
   k_unmask, k_token = jax.random.split(key)
   masked = z == mask_id
   if method == "mean":
     token = categorical(k_token, logp)
-    r_token = r if r.ndim == 0 else r[token]
-    unmask = bernoulli(k_unmask, jnp.broadcast_to(r_token, z.shape))
+    unmask = bernoulli(k_unmask, r[token])
   else:
-    r_v = jnp.broadcast_to(r, logp.shape[-1:])
-    p_unmask = jnp.minimum((jnp.exp(logp) * r_v).sum(-1), 1.0)  # min: euler's clip to a probability
-    token = categorical(k_token, logp + jnp.log(r_v))
+    p_unmask = jnp.minimum((jnp.exp(logp) * r).sum(-1), 1.0)  # min: euler's clip to a probability
+    token = categorical(k_token, logp + jnp.log(r))
     unmask = bernoulli(k_unmask, p_unmask)
   return jnp.where(masked & unmask, token, z)
+
+
+def _normalise(logits: Array, top_p: float | None) -> Array:
+  """float32 log-probabilities over the last axis, top-p filtered when top_p is set."""
+  logits = logits.astype(jnp.float32)
+  if top_p is not None:
+    return top_p_filter(logits, top_p)
+  return jax.nn.log_softmax(logits, axis=-1)
 
 
 def _logp(denoise_fn, z, t, vocab_size, top_p):
@@ -147,10 +163,86 @@ def _logp(denoise_fn, z, t, vocab_size, top_p):
   if logits.shape != z.shape + (vocab_size,):
     raise ValueError(f"denoise_fn returned logits of shape {logits.shape}; expected "
                      f"{z.shape + (vocab_size,)}")
-  logits = logits.astype(jnp.float32)
-  if top_p is not None:
-    return top_p_filter(logits, top_p)
-  return jax.nn.log_softmax(logits, axis=-1)
+  return _normalise(logits, top_p)
+
+
+def _logp_at(den: SplitDenoiser, h, positions: Array, vocab_size: int, top_p) -> Array:
+  """float32[B, K, V] log-probabilities at positions: int32[B, K] from the features h."""
+  logits = den.logits(h, positions)
+  if logits.shape != positions.shape + (vocab_size,):
+    raise ValueError(f"denoise_fn returned logits of shape {logits.shape} at positions of shape "
+                     f"{positions.shape}; expected {positions.shape + (vocab_size,)}")
+  return _normalise(logits, top_p)
+
+
+def draw_tokens(key: Array, logp: Array, positions: Array, num_positions: int) -> Array:
+  """int32[B, K]: a token drawn from exp(logp) at each flat position of each row.
+
+  Each draw takes its random bits from fold_in(key, row * num_positions + position), so a position's
+  token does not depend on which other positions are drawn with it: reading the network out at the
+  revealed positions only, or at all of them, draws the same tokens.
+
+  Args:
+    key: the step's token key.
+    logp: float32[B, K, V] log-probabilities.
+    positions: int32[B, K] flat positions in [0, num_positions).
+    num_positions: N, the positions of a row.
+  """
+  flat = jnp.arange(logp.shape[0], dtype=jnp.int32)[:, None] * num_positions + positions
+  bits = jax.vmap(jax.vmap(lambda i: jax.random.bits(jax.random.fold_in(key, i),
+                                                     (2, logp.shape[-1]), jnp.uint32)))(flat)
+  return categorical_from_bits(logp, bits[..., 0, :], bits[..., 1, :])
+
+
+def _revealed(key: Array, z: Array, r: Array, mask_id: int) -> tuple[Array, Array]:
+  """(bool[B, N]: the masked positions of z: int32[B, *S] revealed with probability r, the step's
+  token key). The coins come from the same key and draw as the state-dependent step's."""
+  k_unmask, k_token = jax.random.split(key)
+  u = fine_uniform(k_unmask, z.shape)[0]
+  return ((z == mask_id) & (u < r)).reshape(z.shape[0], -1), k_token
+
+
+def _sample_reveal_first(denoise_fn, rng, init, schedule, vocab_size, opts):
+  """ancestral, euler and mean for a state-independent schedule: the positions revealed first (one
+  coin each), then the network, read out at those positions only, skipped on a step where no row
+  reveals anything. num_calls counts the calls made.
+
+  With a state-independent schedule, whether a masked position is revealed on the step from t to s
+  does not depend on the network's output mu:
+    ancestral: it becomes v with probability r mu_v, r = (a_s - a_t)/(1 - a_t), and stays masked
+      with probability 1 - r; summed over v (sum mu = 1), it is revealed with probability r, and
+      given that, v ~ mu.
+    euler: the same with r = rate(t) (t - s), clipped to a probability (u < r for r >= 1 always).
+    mean: v ~ mu and, independently, revealed with probability r (the ancestral r).
+  So the step's law is that of one coin per position, then a token from mu at each revealed
+  position; ancestral and mean are one sampler here (they differ for a state-dependent schedule).
+  """
+  den = readout.as_split(denoise_fn)
+  b, n = init.shape[0], math.prod(init.shape[1:])
+  grid = time_grid(opts.num_steps, opts.time_grid_kind)
+
+  def read_out(positions, valid, z_flat, h, k_token):
+    logp = _logp_at(den, h, positions, vocab_size, opts.top_p)
+    token = draw_tokens(k_token, logp, positions, n)
+    rows = jnp.arange(b)[:, None]
+    return z_flat.at[rows, jnp.where(valid, positions, n)].set(token, mode="drop")
+
+  def body(j, carry):
+    z, calls = carry
+    i = opts.num_steps - j
+    t, s = grid[i], grid[i - 1]
+    r = _step_probs(opts.method, schedule, t, s)
+    reveal, k_token = _revealed(jax.random.fold_in(rng, j), z, r, vocab_size)
+
+    def call():
+      h = den.features(z, jnp.full((b,), t, jnp.float32))
+      z_flat = readout.by_bucket(reveal, read_out, z.reshape(b, n), h, k_token)
+      return z_flat.reshape(z.shape), calls + 1
+
+    return jax.lax.cond(jnp.any(reveal), call, lambda: (z, calls))
+
+  z, calls = jax.lax.fori_loop(0, opts.num_steps, body, (init, jnp.array(0, jnp.int32)))
+  return SampleResult(z, calls)
 
 
 def _run_grid(denoise_fn, rng, init, vocab_size, opts, step, model_time=None):
@@ -181,6 +273,9 @@ def _run_grid(denoise_fn, rng, init, vocab_size, opts, step, model_time=None):
 
 
 def _sample_grid(denoise_fn, rng, init, schedule, vocab_size, opts):
+  if not schedule.state_dependent:
+    return _sample_reveal_first(denoise_fn, rng, init, schedule, vocab_size, opts)
+
   def step(j, t, s, z, logp):
     r = _step_probs(opts.method, schedule, t, s)
     return _grid_step(jax.random.fold_in(rng, j), opts.method, z, logp, r, vocab_size)
@@ -193,8 +288,10 @@ def _sample_first_hitting(denoise_fn, rng, init, schedule, vocab_size, top_p):
 
   With n masked tokens at time t, all stay masked until s with probability ((1 - a_s)/(1 - a_t))^n;
   inverting at a uniform u gives 1 - a_s = (1 - a_t) u^(1/n). Then one masked position, chosen
-  uniformly, is revealed with a token drawn from mu(z, s).
+  uniformly, is revealed with a token drawn from mu(z, s). Neither s nor the position depends on mu,
+  so the network is read out at that one position of each row only.
   """
+  den = readout.as_split(denoise_fn)
   b = init.shape[0]
   flat_shape = (b, -1)
 
@@ -210,10 +307,9 @@ def _sample_first_hitting(denoise_fn, rng, init, schedule, vocab_size, top_p):
     log_u = jnp.log(fine_uniform(k_time, (b,))[0])
     a_s = 1.0 - (1.0 - schedule.alpha(t)) * jnp.exp(log_u / jnp.maximum(n, 1))
     s = jnp.where(n > 0, schedule.inverse(a_s), t)
-    logp = _logp(denoise_fn, z, s, vocab_size, top_p).reshape(b, masked.shape[1], vocab_size)
     pos = categorical(k_pos, jnp.where(masked, 0.0, -jnp.inf))
-    logp_pos = jnp.take_along_axis(logp, pos[:, None, None], axis=1)[:, 0]
-    token = categorical(k_token, logp_pos)
+    h = den.features(z, s)
+    token = categorical(k_token, _logp_at(den, h, pos[:, None], vocab_size, top_p)[:, 0])
     z_flat = z.reshape(flat_shape)
     current = jnp.take_along_axis(z_flat, pos[:, None], axis=1)[:, 0]
     new = jnp.where(n > 0, token, current)
@@ -292,9 +388,14 @@ def _sample_remdm(denoise_fn, rng, init, schedule, vocab_size, opts):
     if opts.remask_strategy == "loop":
       sigma = jnp.where((t > opts.remask_t_off) & (t <= opts.remask_t_on), sigma, 0.0)
     sigma = jnp.where(s == 0.0, 0.0, sigma)
-    # With sigma = 0 this is the ancestral r = (a_s - a_t)/(1 - a_t), by the same float ops.
+    # With sigma = 0 this is the ancestral r = (a_s - a_t)/(1 - a_t), by the same float ops, and
+    # the coins and token draws are the ancestral sampler's (draw_tokens keys each position).
     r = jnp.where(s == 0.0, 1.0, (a_s - (1.0 - sigma) * a_t) / (1.0 - a_t))
-    z_new = _grid_step(jax.random.fold_in(rng, j), "ancestral", z, logp, r, vocab_size)
+    reveal, k_token = _revealed(jax.random.fold_in(rng, j), z, r, vocab_size)
+    b, n = reveal.shape
+    every = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
+    token = draw_tokens(k_token, logp.reshape(b, n, vocab_size), every, n)
+    z_new = jnp.where(reveal, token, z.reshape(b, n)).reshape(z.shape)
     remask = bernoulli(jax.random.fold_in(remask_rng, j), jnp.broadcast_to(sigma, z.shape))
     return jnp.where(generated & (z != vocab_size) & remask, vocab_size, z_new)
 

@@ -132,7 +132,8 @@ def test_blocks_follow_the_product_of_block_conditionals(n, window, method):
   if method == "first_hitting":
     assert int(out.num_calls) == n  # One call per generated token, over all blocks.
   else:
-    assert int(out.num_calls) == num_blocks * STEPS
+    # At most one call per step of each block (none on a step that reveals nothing).
+    assert num_blocks <= int(out.num_calls) <= num_blocks * STEPS
 
 
 def test_blocks_keep_prompts_and_condition_each_block_on_its_own_given_tokens():
@@ -163,7 +164,8 @@ def test_blocks_compile_under_jit_and_match_the_eager_run():
   jitted = run(jax.random.key(24), init)
   eager = run_blocks(jax.random.key(24), init, window=1, method="ancestral", num_steps=20)
   np.testing.assert_array_equal(jitted.samples, eager.samples)
-  assert int(jitted.num_calls) == 3 * 20  # Blocks start at 0, 2 and 4 (= n - L).
+  assert int(jitted.num_calls) == int(eager.num_calls)
+  assert 3 <= int(jitted.num_calls) <= 3 * 20  # Blocks start at 0, 2 and 4 (= n - L).
 
 
 def test_ill_formed_block_arguments_raise_clear_errors():
@@ -291,7 +293,8 @@ def test_remdm_without_remasking_is_bitwise_the_ancestral_sampler(schedule_name,
   ancestral = run_sampler(jax.random.key(5), init, sched, method="ancestral", **kw)
   remdm = run_sampler(jax.random.key(5), init, sched, method="remdm", remask_eta=0.0, **kw)
   np.testing.assert_array_equal(remdm.samples, ancestral.samples)
-  assert int(remdm.num_calls) == int(ancestral.num_calls) == 100
+  # remdm calls the network on every step; ancestral only on steps that reveal something.
+  assert int(remdm.num_calls) == 100 and int(ancestral.num_calls) <= 100
 
 
 def _time_switch_denoiser(t_switch):
