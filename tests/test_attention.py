@@ -119,3 +119,20 @@ def test_unknown_or_unfit_implementation_is_refused_by_name():
   with pytest.raises(ValueError, match="'cudnn' needs dtype bfloat16 or float16, got float32"):
     attention.check_impl("cudnn", jnp.float32)
   attention.check_impl("cudnn", jnp.bfloat16)
+
+
+def test_matmul_dot_general_is_dense_generals_contraction_with_the_same_parameters():
+  import flax.linen as nn
+  x = jax.random.normal(jax.random.key(7), (2, 5, 12))
+  for features, axis, inputs in [((3, 4), -1, x), (6, (-2, -1), x.reshape(2, 5, 3, 4))]:
+    plain = nn.DenseGeneral(features, axis=axis, use_bias=True)
+    flat = nn.DenseGeneral(features, axis=axis, use_bias=True,
+                           dot_general=attention.matmul_dot_general)
+    params = plain.init(jax.random.key(8), inputs)
+    flat_params = flat.init(jax.random.key(8), inputs)
+    jax.tree.map(np.testing.assert_array_equal, params, flat_params)  # Same tree, same init.
+    params = jax.tree.map(lambda p: p + 1.0, params)  # Biases away from 0.
+    np.testing.assert_allclose(flat.apply(params, inputs), plain.apply(params, inputs),
+                               rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="contracts x's last axes"):
+    attention.matmul_dot_general(x, jnp.ones((5, 3)), (((1,), (0,)), ((), ())))

@@ -342,7 +342,7 @@ class SelfAttention(nn.Module):
     head_dim = d // self.num_heads
     q, k, v = (
         nn.DenseGeneral((self.num_heads, head_dim), use_bias=self.qkv_bias, dtype=self.dtype,
-                        name=n)(x)
+                        dot_general=attention.matmul_dot_general, name=n)(x)
         for n in ("query", "key", "value")
     )
     if angles is not None:
@@ -353,7 +353,8 @@ class SelfAttention(nn.Module):
       out = attention.apply_probs(probs, v)
     else:
       out = attention.attend(q, k, v, impl=self.attention_impl, causal=self.causal)
-    return nn.DenseGeneral(d, axis=(-2, -1), use_bias=False, dtype=self.dtype, name="out")(out)
+    return nn.DenseGeneral(d, axis=(-2, -1), use_bias=False, dtype=self.dtype,
+                           dot_general=attention.matmul_dot_general, name="out")(out)
 
 
 class Mlp(nn.Module):
