@@ -4,14 +4,14 @@ A sampler that knows which masked positions a step reveals before it calls the n
 ancestral, euler, mean and first_hitting with a state-independent schedule) runs the body once and
 the output layer only at those positions: for MD4-S the 768 x 50257 output layer is about a quarter
 of the network's FLOPs per position, and the softmax, top-p and token draw over 50257 values cost as
-much again on a CPU. Shapes are static under jit, so a step's positions go into a bucket of static
-size, the smallest of `bucket_sizes(n)` that holds the largest count of any row, padded; the body
-runs outside the buckets (once per call), only the cheap read-out is compiled once per bucket size.
+much again on a CPU. Shapes are static under jit, so a step's positions are read out in chunks of
+static size (`for_revealed`): a lax loop with as many iterations as the row that reveals the most
+needs, so nothing is dropped, and only one chunk's read-out is compiled (a lax.switch over bucket
+sizes compiles one per size: for MD4-S on XLA:CPU about a second each, mostly the token draw).
 """
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -70,40 +70,49 @@ def map_logits(denoise_fn, fn: Callable[[Array], Array]):
   return lambda z, t: fn(denoise_fn(z, t))
 
 
-def bucket_sizes(n: int) -> tuple[int, ...]:
-  """The static bucket sizes for rows of n positions: 1, 2, 4, ... below n, then n. The bucket
-  of a step is at most twice the count it holds (never less), and only log2(n) + 1 read-outs are
-  compiled."""
-  sizes, k = [], 1
-  while k < n:
-    sizes.append(k)
-    k *= 2
-  return tuple(sizes) + (n,)
+# Positions read out per loop iteration, over all rows: enough rows for the output layer's matrix
+# product to be compute-bound (it reads the whole V x D matrix each time), few enough that a step
+# revealing one token per row computes little beyond it.
+READ_OUT_ROWS = 64
 
 
-def bucket_positions(mask: Array, size: int) -> tuple[Array, Array]:
-  """The first `size` positions of each row where mask is True, in increasing order.
+def chunk_size(batch: int, n: int) -> int:
+  """Positions of each row read out per iteration: READ_OUT_ROWS / batch rounded up to a power of
+  two, at most n."""
+  per_row = -(-READ_OUT_ROWS // batch)
+  return min(1 << (per_row - 1).bit_length(), n)
 
-  mask: bool[B, N] with at most `size` True entries per row. Returns positions int32[B, size]
-  (padded with 0) and valid bool[B, size] (False on the padding).
+
+def revealed_in_order(mask: Array, chunk: int) -> tuple[Array, Array]:
+  """Each row's True positions of mask: bool[B, N] first, in increasing order.
+
+  Returns order: int32[B, N'] (N' = N rounded up to a multiple of chunk; entries past the row's
+  count are 0) and count: int32[B], the True entries of each row.
   """
   b, n = mask.shape
+  width = -(-n // chunk) * chunk
   rank = jnp.cumsum(mask, axis=-1) - 1
-  rows = jnp.arange(b)[:, None]
-  slot = jnp.where(mask, rank, size)  # Positions past the bucket, and unmasked ones, are dropped.
-  positions = jnp.zeros((b, size), jnp.int32).at[rows, slot].set(
+  slot = jnp.where(mask, rank, width)  # Not revealed: dropped.
+  order = jnp.zeros((b, width), jnp.int32).at[jnp.arange(b)[:, None], slot].set(
       jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n)), mode="drop")
-  valid = jnp.arange(size) < mask.sum(-1, keepdims=True)
-  return positions, valid
+  return order, mask.sum(-1)
 
 
-def by_bucket(mask: Array, read_out: Callable[..., Array], *operands) -> Array:
-  """read_out(positions, valid, *operands) for the smallest bucket that holds every row's True
-  entries of mask: bool[B, N]; one lax.switch branch per size in bucket_sizes(N)."""
-  sizes = bucket_sizes(mask.shape[1])
-  index = jnp.searchsorted(jnp.asarray(sizes), mask.sum(-1).max())
+def for_revealed(mask: Array, read_out: Callable[[Array, Array, Any], Any], carry: Any) -> Any:
+  """carry = read_out(positions, valid, carry) over the True positions of mask: bool[B, N], each
+  row's in increasing order, chunk_size(B, N) of each row at a time (positions: int32[B, chunk],
+  valid: bool[B, chunk], False on the padding of rows with fewer left). A lax loop of as many
+  iterations as the fullest row needs, compiled once: every True position is read out, and a row
+  with fewer costs the padding only up to the fullest row's count rounded up to the chunk.
+  """
+  b, n = mask.shape
+  chunk = chunk_size(b, n)
+  order, count = revealed_in_order(mask, chunk)
+  offsets = jnp.arange(chunk, dtype=jnp.int32)
 
-  def branch(size, *ops):
-    return read_out(*bucket_positions(mask, size), *ops)
+  def body(i, carry):
+    start = i * chunk
+    positions = jax.lax.dynamic_slice_in_dim(order, start, chunk, axis=1)
+    return read_out(positions, start + offsets < count[:, None], carry)
 
-  return jax.lax.switch(index, [functools.partial(branch, k) for k in sizes], *operands)
+  return jax.lax.fori_loop(0, -(-count.max() // chunk), body, carry)

@@ -221,11 +221,13 @@ def _sample_reveal_first(denoise_fn, rng, init, schedule, vocab_size, opts):
   b, n = init.shape[0], math.prod(init.shape[1:])
   grid = time_grid(opts.num_steps, opts.time_grid_kind)
 
-  def read_out(positions, valid, z_flat, h, k_token):
+  def read_out(positions, valid, carry):
+    z_flat, h, k_token = carry
     logp = _logp_at(den, h, positions, vocab_size, opts.top_p)
     token = draw_tokens(k_token, logp, positions, n)
     rows = jnp.arange(b)[:, None]
-    return z_flat.at[rows, jnp.where(valid, positions, n)].set(token, mode="drop")
+    z_flat = z_flat.at[rows, jnp.where(valid, positions, n)].set(token, mode="drop")
+    return z_flat, h, k_token
 
   def body(j, carry):
     z, calls = carry
@@ -236,7 +238,7 @@ def _sample_reveal_first(denoise_fn, rng, init, schedule, vocab_size, opts):
 
     def call():
       h = den.features(z, jnp.full((b,), t, jnp.float32))
-      z_flat = readout.by_bucket(reveal, read_out, z.reshape(b, n), h, k_token)
+      z_flat, _, _ = readout.for_revealed(reveal, read_out, (z.reshape(b, n), h, k_token))
       return z_flat.reshape(z.shape), calls + 1
 
     return jax.lax.cond(jnp.any(reveal), call, lambda: (z, calls))

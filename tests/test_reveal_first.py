@@ -24,47 +24,44 @@ V, L = TOY.vocab_size, TOY.length
 EXACT = posterior_denoiser(TOY)
 
 
-# ------------------------------------------------------------------------------------ buckets
+# ------------------------------------------------------------------------------ read-out loop
 
 
-def test_bucket_sizes_hold_every_count_within_a_factor_of_two():
-  for n in range(1, 70):
-    sizes = readout.bucket_sizes(n)
-    assert list(sizes) == sorted(set(sizes)) and sizes[-1] == n
-    for count in range(1, n + 1):
-      size = sizes[int(np.searchsorted(sizes, count))]
-      assert count <= size and (size < 2 * count or size == n), (n, count, size)
+def test_chunk_size_fills_about_read_out_rows_per_iteration():
+  for batch in [1, 2, 3, 5, 16, 64, 100]:
+    for n in [1, 7, 64, 1024]:
+      chunk = readout.chunk_size(batch, n)
+      assert chunk & (chunk - 1) == 0 or chunk == n  # A power of two, or the whole row.
+      assert chunk == n or batch * chunk >= readout.READ_OUT_ROWS
+      assert chunk == 1 or batch * chunk < 2 * readout.READ_OUT_ROWS + 2 * batch
 
 
-def test_bucket_positions_list_every_true_entry_in_order():
+def test_revealed_in_order_lists_every_true_entry_in_order():
   rng = np.random.default_rng(0)
   mask = rng.random((6, 11)) < np.array([0.0, 0.1, 0.4, 0.7, 1.0, 0.5])[:, None]
-  size = int(mask.sum(-1).max())
-  positions, valid = readout.bucket_positions(jnp.asarray(mask), size)
-  for row, pos, ok in zip(mask, np.asarray(positions), np.asarray(valid)):
-    np.testing.assert_array_equal(pos[ok], np.nonzero(row)[0])
-    assert ok.sum() == row.sum() and np.all(pos[~ok] == 0)
+  order, count = readout.revealed_in_order(jnp.asarray(mask), 4)
+  assert order.shape == (6, 12)
+  for row, pos, c in zip(mask, np.asarray(order), np.asarray(count)):
+    assert c == row.sum()
+    np.testing.assert_array_equal(pos[:c], np.nonzero(row)[0])
+    assert np.all(pos[c:] == 0)
 
 
-def test_by_bucket_reads_out_every_revealed_position_and_nothing_else():
-  n = 13
-
+@pytest.mark.parametrize("batch,n", [(1, 13), (3, 40), (40, 9)])
+def test_for_revealed_reads_out_every_true_position_once_and_nothing_else(batch, n):
   @jax.jit
-  def marked(mask):
-    def read_out(positions, valid, rows):
-      hit = jnp.zeros((rows, n + 1), bool).at[jnp.arange(rows)[:, None],
-                                               jnp.where(valid, positions, n)].set(True)
-      return hit[:, :n], jnp.asarray(positions.shape[1])
-    return readout.by_bucket(mask, functools.partial(read_out, rows=mask.shape[0]))
+  def times_read(mask):
+    def read_out(positions, valid, seen):
+      rows = jnp.arange(batch)[:, None]
+      return seen.at[rows, jnp.where(valid, positions, n)].add(1, mode="drop")
+    return readout.for_revealed(mask, read_out, jnp.zeros(mask.shape, jnp.int32))
 
-  rng = np.random.default_rng(1)
-  for most in [1, 2, 3, 4, 5, 8, 9, 12, 13]:  # Counts on and around every bucket boundary.
-    mask = np.zeros((3, n), bool)
-    mask[0, rng.choice(n, most, replace=False)] = True
-    mask[1, rng.choice(n, rng.integers(0, most + 1), replace=False)] = True
-    hit, size = marked(jnp.asarray(mask))
-    np.testing.assert_array_equal(hit, mask)
-    assert int(size) == readout.bucket_sizes(n)[int(np.searchsorted(readout.bucket_sizes(n), most))]
+  rng = np.random.default_rng(batch)
+  for p in [0.0, 0.05, 0.3, 1.0]:
+    mask = rng.random((batch, n)) < p
+    mask[0] = rng.random(n) < 0.9  # One full row among sparse ones.
+    np.testing.assert_array_equal(times_read(jnp.asarray(mask)), mask.astype(np.int32))
+  assert int(times_read(jnp.zeros((batch, n), bool)).sum()) == 0
 
 
 # ------------------------------------------------------------------------- calls and coins
