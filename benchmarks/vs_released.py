@@ -23,7 +23,8 @@ Rows (--rows, comma-separated; default all):
   md4s_128, md4s_256, md4s_1024
                  MD4-S ancestral sampling of --md4s_batch x 1024 at 128, 256, 1024 steps.
   md4s_fh        this project's first_hitting on MD4-S (--md4s_batch x 1024; 1024 network calls),
-                 against the released code at 1024 steps (it has no first-hitting sampler).
+                 against the released code at 1024 steps (it has no first-hitting sampler; with
+                 md4s_1024 among the rows, that row's released measurement is reused).
 The compile time of the training step and each process's peak resident memory come with the rows.
 Both sides report their parameter count and XLA's FLOPs of what they time; the table shows them
 and a warning names any row where they differ.
@@ -106,6 +107,14 @@ def _flops(compiled) -> float:
   return float((cost or {}).get("flops", float("nan")))
 
 
+def _hlo_ops(compiled) -> dict:
+  """Counts of the compiled program's fusions, transposes, copies and reductions."""
+  import re
+  text = compiled.as_text()
+  return {op: len(re.findall(rf"= \S+ {op}\(", text))
+          for op in ("fusion", "transpose", "copy", "reduce")}
+
+
 def _rss_gb() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
@@ -155,6 +164,7 @@ def released_worker(row: str, batch: int, timed: int) -> dict:
     compiled = step.lower(train_state=replicated, batch=data).compile()
     out["compile_s"] = time.perf_counter() - start
     out["flops"] = _flops(compiled)
+    out["hlo"] = _hlo_ops(compiled)
     holder = [replicated]
 
     def one():
@@ -189,7 +199,7 @@ def released_worker(row: str, batch: int, timed: int) -> dict:
 # -------------------------------------------------------------------------------- this project
 
 
-def our_worker(row: str, batch: int, timed: int) -> dict:
+def our_worker(row: str, batch: int, timed: int, log_grad_norm: bool = False) -> dict:
   sys.path.insert(0, str(ROOT))
   import dataclasses
   import importlib.util
@@ -212,6 +222,7 @@ def our_worker(row: str, batch: int, timed: int) -> dict:
   cd.data.seq_length = seq
   cd.train.batch_size = batch
   cd.train.compute_dtype = "float32"
+  cd.train.log_grad_norm = log_grad_norm
   cd.sample.num_steps = steps or 1
   cd.sample.method = "first_hitting" if kind == "first_hitting" else "ancestral"
   cd.sample.time_grid = "cosine"
@@ -229,6 +240,7 @@ def our_worker(row: str, batch: int, timed: int) -> dict:
     compiled = step.lower(state, data).compile()
     out["compile_s"] = time.perf_counter() - start
     out["flops"] = _flops(compiled)
+    out["hlo"] = _hlo_ops(compiled)
     holder = [state]
 
     def one():
@@ -279,7 +291,7 @@ def _stub_dir() -> str:
 def _run_worker(side: str, row: str, args, stubs: str) -> dict:
   command = [args.released_python if side == "released" else sys.executable, __file__,
              f"--worker={side}", f"--rows={row}", f"--md4s_batch={args.md4s_batch}",
-             f"--timed={args.timed}"]
+             f"--timed={args.timed}"] + (["--log_grad_norm"] if args.log_grad_norm else [])
   env = dict(os.environ)
   if side == "released":
     env["PYTHONPATH"] = os.pathsep.join([args.released, stubs])
@@ -325,6 +337,15 @@ def _table(results: dict, rows: list[str], md4s_batch: int) -> str:
       compile_s = [med(side, row, "compile_s") for side in ("released", "ours")]
       lines.append(f"| compile of that train step | {compile_s[0]:.3g} s | {compile_s[1]:.3g} s "
                    f"| {compile_s[1] / compile_s[0]:.2f} | | | |")
+  hlo_rows = [r for r in rows if ROWS[r][0] == "train"]
+  if hlo_rows:
+    lines += ["", "| compiled train step (released / here) | fusions | transposes | copies | "
+              "reductions |", "|---|---|---|---|---|"]
+    for row in hlo_rows:
+      ops = [results[side][row][0]["hlo"] for side in ("released", "ours")]
+      lines.append(f"| {TITLES[row]} | " + " | ".join(
+          f"{ops[0][op]} / {ops[1][op]}" for op in ("fusion", "transpose", "copy", "reduce"))
+          + " |")
   return "\n".join(lines + [f"\nWARNING: {w}" for w in warnings])
 
 
@@ -338,6 +359,8 @@ def main():
   parser.add_argument("--repeats", type=int, default=3, help="rounds of A B (processes)")
   parser.add_argument("--timed", type=int, default=3, help="timed runs in each process")
   parser.add_argument("--md4s_batch", type=int, default=16, help="sequences of the MD4-S rows")
+  parser.add_argument("--log_grad_norm", action="store_true",
+                      help="this project's train step with train.log_grad_norm (what it costs)")
   parser.add_argument("--worker", choices=("released", "ours"), help=argparse.SUPPRESS)
   args = parser.parse_args()
   rows = args.rows.split(",")
@@ -345,8 +368,11 @@ def main():
   if unknown:
     parser.error(f"unknown rows {unknown}; valid: {', '.join(ROWS)}")
   if args.worker:
-    worker = released_worker if args.worker == "released" else our_worker
-    print("RESULT " + json.dumps(worker(rows[0], args.md4s_batch, args.timed)), flush=True)
+    if args.worker == "released":
+      result = released_worker(rows[0], args.md4s_batch, args.timed)
+    else:
+      result = our_worker(rows[0], args.md4s_batch, args.timed, args.log_grad_norm)
+    print("RESULT " + json.dumps(result), flush=True)
     return
   if not args.released or not os.path.isdir(os.path.join(args.released, "md4")):
     parser.error(f"--released must be a checkout of google-deepmind/md4, got {args.released!r}")
@@ -358,13 +384,18 @@ def main():
   for round_ in range(args.repeats):
     for row in rows:
       for side in ("released", "ours"):
+        if side == "released" and row == "md4s_fh" and "md4s_1024" in rows:
+          # The same released workload as md4s_1024 (1024 steps): its measurement of this round.
+          results[side][row].append(results[side]["md4s_1024"][-1])
+          continue
         start = time.perf_counter()
         results[side][row].append(_run_worker(side, row, args, stubs))
         print(f"round {round_ + 1}/{args.repeats} {row} {side}: "
               f"{results[side][row][-1]['time_s']:.4g} s in a {time.perf_counter() - start:.0f} s "
               "process", file=sys.stderr, flush=True)
   print(f"one CPU process per measurement, {args.repeats} rounds (A B A B), median of "
-        f"{args.timed} timed runs in each; load average before: {os.getloadavg()[0]:.2f}")
+        f"{args.timed} timed runs in each; load average at the end: {os.getloadavg()[0]:.2f}"
+        + ("; here with train.log_grad_norm" if args.log_grad_norm else ""))
   print(_table(results, rows, args.md4s_batch))
 
 

@@ -47,10 +47,10 @@ def check_config(cfg: Config, spec: DatasetSpec | None = None, *, num_devices: i
                      "only for a network that ignores t; this one conditions on time "
                      "(model.net.time_conditioning=True): set model.net.time_conditioning=False "
                      "or sample.reuse_unchanged=False")
-  if s.reuse_unchanged and s.method == "first_hitting":
-    grid_methods = ", ".join(x for x in sampling.METHODS if x != "first_hitting")
-    raise ValueError(f"sample.reuse_unchanged applies to the grid samplers ({grid_methods}); "
-                     "first_hitting calls the network once per revealed token already")
+  if s.reuse_unchanged and sampling.reveals_first(s.method, m.state_dependent):
+    raise ValueError(f"sample.reuse_unchanged applies to maskgit, remdm and GenMD4's grid samplers; "
+                     f"sample.method={s.method!r} with a state-independent schedule calls the "
+                     "network only on steps that reveal a token already")
   check_guidance(cfg)
   check_split(cfg, cfg.eval.split, "eval.split")
   check_batches(cfg, num_devices=num_devices, num_processes=num_processes)

@@ -72,6 +72,10 @@ class TrainConfig:
   compute_dtype: str = "float32"  # "float32" or "bfloat16"; parameters stay float32.
   mesh_fsdp: int = 1  # Devices along the fsdp axis (parameters sharded); the rest form "data".
   log_every: int = 100
+  # Log train/grad_norm, the global gradient norm averaged over each log window. Off by default: on
+  # XLA:CPU it adds a reduction per parameter array to the step, ~12% to its compile time and up
+  # to ~1% to its run time (BENCHMARKS.md, "Where the time went").
+  log_grad_norm: bool = False
   eval_every: int = 5000  # 0: no periodic evaluation.
   eval_batches: int = 8  # Batches in a periodic evaluation (md4 eval covers the whole split).
   sample_every: int = 5000  # 0: no periodic samples.

@@ -49,6 +49,14 @@ TIME_GRIDS = ("uniform", "cosine")
 REMASK_STRATEGIES = ("cap", "loop")
 # Methods that need one alpha(t) for every token, so not GenMD4's state-dependent schedule.
 STATE_INDEPENDENT_ONLY = ("first_hitting", "maskgit", "remdm")
+# Methods that, with a state-independent schedule, draw the positions a step reveals before the
+# network call, call it only on steps that reveal something and read it out only there.
+REVEAL_FIRST = ("ancestral", "euler", "mean", "first_hitting")
+
+
+def reveals_first(method: str, state_dependent: bool) -> bool:
+  """Whether `method` reveals first (REVEAL_FIRST) under a schedule that is state-dependent or not."""
+  return method in REVEAL_FIRST and not state_dependent
 
 _TWO_M24 = 2.0**-24
 
@@ -456,6 +464,10 @@ def check_options(state_dependent: bool, *, num_steps: int, method: str = "ances
     raise ValueError("remask_t_on and remask_t_off must satisfy "
                      "1 >= remask_t_on > remask_t_off >= 0, "
                      f"got remask_t_on={remask_t_on!r}, remask_t_off={remask_t_off!r}")
+  if reuse_unchanged and reveals_first(method, state_dependent):
+    raise ValueError(f"reuse_unchanged applies to maskgit, remdm and GenMD4's grid samplers; {method} "
+                     "with a state-independent schedule calls the network only on steps that reveal "
+                     "a token already")
   if state_dependent and method in STATE_INDEPENDENT_ONLY:
     why = {"first_hitting": "the time of the next unmasking depends on the unknown token values",
            "maskgit": "its reveal counts need one alpha(t) for every token",
@@ -507,7 +519,9 @@ def sample(denoise_fn: DenoiseFn, rng: Array, init: Array, schedule: AnySchedule
   """Fills the masked positions of init: int32[B, *S] and returns int32[B, *S] with no mask id.
 
   Args:
-    denoise_fn: (z: int32[B, *S], t: float32[B]) -> float32[B, *S, vocab_size] logits of x.
+    denoise_fn: (z: int32[B, *S], t: float32[B]) -> float32[B, *S, vocab_size] logits of x, or a
+      readout.SplitDenoiser (model.denoiser gives one), which the REVEAL_FIRST methods read out
+      only at the positions they reveal.
     rng: PRNG key.
     init: int32[B, *S]; entries equal to vocab_size are generated, all others are kept.
     schedule: from md4.schedules; StateDependentPoly unmasks each value v at its own rate (only the
@@ -560,7 +574,9 @@ def sample(denoise_fn: DenoiseFn, rng: Array, init: Array, schedule: AnySchedule
     top_p: nucleus filtering of the denoiser's distribution (None = off).
     time_grid_kind: "uniform" or "cosine" (see time_grid).
     reuse_unchanged: skip the network call on a step whose input did not change since the last call.
-      Valid only when denoise_fn ignores t (a time-free denoiser).
+      Valid only when denoise_fn ignores t (a time-free denoiser), and for maskgit, remdm and the
+      grid samplers under a state-dependent schedule: the others (REVEAL_FIRST) call the network
+      only on steps that reveal something anyway.
     temperature: maskgit only (float >= 0; other methods raise unless it is 1.0).
     remask_eta: remdm only (float in [0, 1]; other methods raise unless it is 0).
     remask_strategy: "cap" or "loop" (read by remdm only).
@@ -671,8 +687,14 @@ def guided_logits(cond_logits: Array, uncond_logits: Array, scale: float | Array
 def guided_denoiser(cond_fn: DenoiseFn, uncond_fn: DenoiseFn, scale: float | Array) -> DenoiseFn:
   """The DenoiseFn (z, t) -> guided_logits(cond_fn(z, t), uncond_fn(z, t), scale).
 
-  Each call evaluates both networks, so a sampler's num_calls counts pairs of network calls.
+  Each call evaluates both networks, so a sampler's num_calls counts pairs of network calls. Given
+  two readout.SplitDenoisers it is one too, read out at the same positions of both.
   """
   if isinstance(scale, numbers.Real) and not math.isfinite(scale):
     raise ValueError(f"scale must be a finite float, got {scale!r}")
+  if isinstance(cond_fn, SplitDenoiser) and isinstance(uncond_fn, SplitDenoiser):
+    return SplitDenoiser(
+        lambda z, t: (cond_fn.features(z, t), uncond_fn.features(z, t)),
+        lambda h, positions: guided_logits(cond_fn.logits(h[0], positions),
+                                           uncond_fn.logits(h[1], positions), scale))
   return lambda z, t: guided_logits(cond_fn(z, t), uncond_fn(z, t), scale)

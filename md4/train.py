@@ -42,8 +42,13 @@ from md4.workdir_lock import WorkdirInUse, WorkdirLock
 @flax.struct.dataclass
 class TrainMetrics(clu_metrics.Collection):
   loss: clu_metrics.Average.from_output("loss")  # nats per token
-  grad_norm: clu_metrics.Average.from_output("grad_norm")
   lr: clu_metrics.LastValue.from_output("lr")
+
+
+@flax.struct.dataclass
+class TrainMetricsWithGradNorm(TrainMetrics):
+  """With train.log_grad_norm."""
+  grad_norm: clu_metrics.Average.from_output("grad_norm")
 
 
 def learning_rate_schedule(cfg: Config) -> optax.Schedule:
@@ -149,8 +154,9 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, setup: Setup
   decay = jnp.minimum(cfg.optimizer.ema_decay, (1.0 + state.step) / (10.0 + state.step))
   ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema)
-  metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
-             "lr": learning_rate_schedule(cfg)(state.step)}
+  metrics = {"loss": loss, "lr": learning_rate_schedule(cfg)(state.step)}
+  if cfg.train.log_grad_norm:
+    metrics["grad_norm"] = optax.tree.norm(grads)
   return new_state, metrics
 
 
@@ -367,6 +373,7 @@ def _train(setup: Setup, dataset: Dataset, workdir: str, lock: WorkdirLock | Non
     checkpointer.save(state, data_iter.get_state())
     saved = done
 
+  metrics_class = TrainMetricsWithGradNorm if tcfg.log_grad_norm else TrainMetrics
   collected, pending, last_log = None, None, (start, time.perf_counter())
   preempted = False
   # The bar is closed before any error propagates, so the message is printed on its own line; the
@@ -384,7 +391,7 @@ def _train(setup: Setup, dataset: Dataset, workdir: str, lock: WorkdirLock | Non
         _check_loss(*pending)
       done = step + 1
       pending = (done, metrics["loss"])
-      single = TrainMetrics.single_from_model_output(**metrics)
+      single = metrics_class.single_from_model_output(**metrics)
       collected = single if collected is None else collected.merge(single)
       bar.update(1)
       if done % tcfg.log_every == 0 or done == tcfg.num_steps:
@@ -395,8 +402,10 @@ def _train(setup: Setup, dataset: Dataset, workdir: str, lock: WorkdirLock | Non
         last_log, collected = (done, now), None
         bits = float(values["loss"]) / math.log(2.0)
         bar.set_postfix(loss_bits=f"{bits:.3f}")
-        scalars = {"train/loss_bits": bits, "train/grad_norm": values["grad_norm"],
-                   "train/lr": values["lr"], "train/steps_per_sec": rate}
+        scalars = {"train/loss_bits": bits, "train/lr": values["lr"],
+                   "train/steps_per_sec": rate}
+        if tcfg.log_grad_norm:
+          scalars["train/grad_norm"] = values["grad_norm"]
         if cfg.model.state_dependent:
           power = jax.nn.softplus(state.params["schedule"]["raw_power"])
           scalars.update({"train/power_mean": jnp.mean(power), "train/power_min": jnp.min(power),

@@ -89,7 +89,8 @@ def test_half_precision_inputs_give_half_precision_outputs_close_to_float32():
 
 def test_none_runs_the_default_implementation_of_this_backend_bitwise():
   q, k, v = qkv(6)
-  chosen = attention.default_impl(jax.default_backend(), q.dtype, q.shape[-1])
+  chosen = attention.chosen_impl(q.dtype, q.shape[-1])
+  assert chosen == attention.default_impl(jax.default_backend(), q.dtype, q.shape[-1])
   np.testing.assert_array_equal(attention.attend(q, k, v, impl=None),
                                 attention.attend(q, k, v, impl=chosen))
 

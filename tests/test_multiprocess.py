@@ -24,7 +24,8 @@ from md4.data import pipeline
 from md4.metric_writer import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LOG_EVERY_STEP = ["--config.train.log_every=1"]
+# Each step logged, with the gradient norm (one more check that the runs compute the same step).
+LOG_EVERY_STEP = ["--config.train.log_every=1", "--config.train.log_grad_norm=True"]
 RUN_TIMEOUT_S = 300  # Generous: a 2-process tiny run takes ~30 s on 2 busy cores.
 
 
@@ -107,6 +108,7 @@ def _assert_same_run(workdir, single_dir, single_state, cfg, setup):
 def test_two_processes_stopped_and_resumed_match_one_process(tmp_path):
   cd = tiny.get_config()  # 6 steps, checkpoints at 3 and 6.
   cd.train.log_every = 1  # Each step's loss on its own, so a resumed run's records compare too.
+  cd.train.log_grad_norm = True
   cfg = config_lib.from_configdict(cd)
   dataset = pipeline.load(cfg.data)
   setup = train.make_setup(cfg, dataset.spec)

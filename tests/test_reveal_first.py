@@ -281,3 +281,13 @@ def test_network_read_out_at_revealed_positions_samples_what_the_whole_network_s
       assert int(result.num_calls) == int(full.num_calls)
       samples = np.asarray(result.samples)
       assert samples.max() < 27 and np.all(samples[1, :5] == 7)
+
+
+def test_reuse_unchanged_is_refused_where_calls_are_skipped_already():
+  init = jnp.full((2, L), V, jnp.int32)
+  for method in sampling.REVEAL_FIRST:
+    with pytest.raises(ValueError, match=f"reuse_unchanged applies to maskgit.*{method}"):
+      sampling.sample(EXACT, jax.random.key(0), init, schedules.get_schedule("linear"),
+                      vocab_size=V, num_steps=4, method=method, reuse_unchanged=True)
+  # GenMD4's grid samplers read every position out: there it still applies.
+  sampling.check_options(True, num_steps=4, method="ancestral", reuse_unchanged=True)

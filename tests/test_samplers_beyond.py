@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from md4 import sampling, schedules
+from md4 import readout, sampling, schedules
 from toy import make_toy, posterior_denoiser
 
 TOY = make_toy(length=3, vocab_size=3, seed=0)
@@ -491,6 +491,12 @@ def test_guided_denoiser_samples_the_guided_distribution():
   samples = np.asarray(sampling.sample(guided, jax.random.key(8), init, LINEAR, vocab_size=3,
                                        num_steps=10))
   assert pooled_chi2_pvalue(np.bincount(samples.ravel(), minlength=3), expected) > 1e-4
+  # Guiding two split denoisers gives a split one, read out where revealed: the same samples.
+  split = sampling.guided_denoiser(readout.as_split(_fixed_distribution(p_c)),
+                                   readout.as_split(_fixed_distribution(p_u)), 2.0)
+  assert isinstance(split, readout.SplitDenoiser)
+  np.testing.assert_array_equal(sampling.sample(split, jax.random.key(8), init, LINEAR,
+                                                vocab_size=3, num_steps=10), samples)
 
 
 def test_ill_formed_guidance_arguments_raise_clear_errors():

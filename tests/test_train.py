@@ -82,13 +82,14 @@ def _one_step(cfg, batch_np, mesh=None):
 
 
 def test_gradient_accumulation_equals_the_large_batch():
-  cfg1 = tiny_cfg()
-  cfg4 = tiny_cfg(**{"train.grad_accum_steps": 4})
+  cfg1 = tiny_cfg(**{"train.log_grad_norm": True})
+  cfg4 = tiny_cfg(**{"train.grad_accum_steps": 4, "train.log_grad_norm": True})
   batch, _ = train.model_batch(next(pipeline.load(cfg1.data).train_iterator(
       cfg1.train.batch_size, 0)))
   (s1, m1), (s4, m4) = _one_step(cfg1, batch), _one_step(cfg4, batch)
   np.testing.assert_allclose(m1["loss"], m4["loss"], rtol=1e-6)
   np.testing.assert_allclose(m1["grad_norm"], m4["grad_norm"], rtol=1e-5)
+  assert float(m1["grad_norm"]) > 0
   for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s4.params)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 

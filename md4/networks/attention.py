@@ -112,10 +112,15 @@ def _gpu_capability() -> float | None:
     return None
 
 
-def _auto(q: Array, k: Array, v: Array, causal: bool) -> Array:
+def chosen_impl(dtype: jnp.dtype, head_dim: int) -> str:
+  """What impl=None runs on this process's backend (jax.default_backend()) and device."""
   backend = jax.default_backend()
   capability = _gpu_capability() if backend == "gpu" else None
-  return _IMPLS[default_impl(backend, q.dtype, q.shape[-1], capability)](q, k, v, causal)
+  return default_impl(backend, dtype, head_dim, capability)
+
+
+def _auto(q: Array, k: Array, v: Array, causal: bool) -> Array:
+  return _IMPLS[chosen_impl(q.dtype, q.shape[-1])](q, k, v, causal)
 
 
 # name -> (q, k, v: [B, L, N, H], causal) -> [B, L, N, H]. None: `default_impl`'s choice for the
