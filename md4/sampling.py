@@ -210,6 +210,16 @@ def _revealed(key: Array, z: Array, r: Array, mask_id: int) -> tuple[Array, Arra
   return ((z == mask_id) & (u < r)).reshape(z.shape[0], -1), k_token
 
 
+def _reveal_step(key: Array, z: Array, logp: Array, r: Array, mask_id: int) -> Array:
+  """The reveal-first step with every position's log-probabilities logp: float32[B, *S, V] at
+  hand: the same coins and token draws as `_sample_reveal_first`, so the same samples."""
+  reveal, k_token = _revealed(key, z, r, mask_id)
+  b, n = reveal.shape
+  every = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
+  token = draw_tokens(k_token, logp.reshape(b, n, logp.shape[-1]), every, n)
+  return jnp.where(reveal, token, z.reshape(b, n)).reshape(z.shape)
+
+
 def _sample_reveal_first(denoise_fn, rng, init, schedule, vocab_size, opts):
   """ancestral, euler and mean for a state-independent schedule: the positions revealed first (one
   coin each), then the network, read out at those positions only, skipped on a step where no row
@@ -401,11 +411,7 @@ def _sample_remdm(denoise_fn, rng, init, schedule, vocab_size, opts):
     # With sigma = 0 this is the ancestral r = (a_s - a_t)/(1 - a_t), by the same float ops, and
     # the coins and token draws are the ancestral sampler's (draw_tokens keys each position).
     r = jnp.where(s == 0.0, 1.0, (a_s - (1.0 - sigma) * a_t) / (1.0 - a_t))
-    reveal, k_token = _revealed(jax.random.fold_in(rng, j), z, r, vocab_size)
-    b, n = reveal.shape
-    every = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
-    token = draw_tokens(k_token, logp.reshape(b, n, vocab_size), every, n)
-    z_new = jnp.where(reveal, token, z.reshape(b, n)).reshape(z.shape)
+    z_new = _reveal_step(jax.random.fold_in(rng, j), z, logp, r, vocab_size)
     remask = bernoulli(jax.random.fold_in(remask_rng, j), jnp.broadcast_to(sigma, z.shape))
     return jnp.where(generated & (z != vocab_size) & remask, vocab_size, z_new)
 
