@@ -40,8 +40,8 @@ def _warped_ancestral(key, init, schedule, grid_kind):
     logp = jax.nn.log_softmax(denoise_fn(z, jnp.full((B,), tau(t))), axis=-1)
     a_t, a_s = schedule.alpha(tau(t)), schedule.alpha(tau(s))
     r = jnp.where(s == 0.0, 1.0, (a_s - a_t) / (1.0 - a_t))
-    step = sampling._grid_step  # pylint: disable=protected-access
-    z = step(jax.random.fold_in(key, j), "ancestral", z, logp, r, V)
+    step = sampling._reveal_step  # pylint: disable=protected-access
+    z = step(jax.random.fold_in(key, j), z, logp, r, V)
   return z
 
 

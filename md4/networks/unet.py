@@ -147,10 +147,12 @@ class AttentionBlock(nn.Module):
     b, height, width, f = x.shape
     h = nn.GroupNorm(self.norm_groups, dtype=self.dtype, name="norm")(x).reshape(b, -1, f)
     head_dim = f // self.num_heads
-    q, k, v = (nn.DenseGeneral((self.num_heads, head_dim), dtype=self.dtype, name=n)(h)
+    q, k, v = (nn.DenseGeneral((self.num_heads, head_dim), dtype=self.dtype,
+                               dot_general=attention.matmul_dot_general, name=n)(h)
                for n in ("query", "key", "value"))
     out = attention.attend(q, k, v, impl=self.attention_impl)
-    out = nn.DenseGeneral(f, axis=(-2, -1), dtype=self.dtype, name="out")(out)
+    out = nn.DenseGeneral(f, axis=(-2, -1), dtype=self.dtype,
+                          dot_general=attention.matmul_dot_general, name="out")(out)
     return x + out.reshape(b, height, width, f).astype(jnp.float32)
 
 
