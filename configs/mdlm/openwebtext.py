@@ -21,8 +21,8 @@ integrates t over [0, 1] with its prior term (1e-3 log 50257 nats per token); MD
 loss draws t from [1e-3, 1] and has no prior term.
 Training: MDLM's configs/config.yaml: batch 512 x 1024 tokens for 1M steps, AdamW at 3e-4 (b2
 0.999, no weight decay) after 2500 warm-up steps, constant, clipping at norm 1, EMA 0.9999,
-antithetic times. Sampling: ancestral on a uniform grid, reusing the network's output on steps that
-unmask nothing (MDLM's ddpm_cache, exact here as the network ignores t).
+antithetic times. Sampling: ancestral on a uniform grid; it calls the network only on steps that
+unmask something, which saves what MDLM's ddpm_cache saves (reusing the output of such steps).
 """
 
 from configs import presets
@@ -65,5 +65,4 @@ def get_config(arg=None):
   config.sample.num_steps = 1000
   config.sample.method = "ancestral"
   config.sample.time_grid = "uniform"
-  config.sample.reuse_unchanged = True
   return presets.apply(config, arg)
