@@ -46,8 +46,11 @@ class TrainMetrics(clu_metrics.Collection):
 
 
 @flax.struct.dataclass
-class TrainMetricsWithGradNorm(TrainMetrics):
-  """With train.log_grad_norm."""
+class TrainMetricsWithGradNorm(clu_metrics.Collection):
+  """With train.log_grad_norm. Not a subclass: clu reads a collection's metrics from the class's
+  own annotations."""
+  loss: clu_metrics.Average.from_output("loss")
+  lr: clu_metrics.LastValue.from_output("lr")
   grad_norm: clu_metrics.Average.from_output("grad_norm")
 
 
