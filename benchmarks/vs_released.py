@@ -82,7 +82,7 @@ STUBS = ("tensorflow", "tensorflow/compat", "tensorflow/compat/v2", "tensorflow_
          "tensorboard", "tensorboard/plugins", "tensorboard/plugins/hparams", "transformers",
          "datasets", "datasets/distributed")
 # A module whose every attribute is a callable, subscriptable, subclassable placeholder.
-STUB_SOURCE = '''"""Stand-in for a TensorFlow-side module the released code imports but the benchmark never calls."""
+STUB_SOURCE = '''"""Stand-in for a TensorFlow-side module that the benchmark never calls."""
 class _Any:
   def __getattr__(self, name): return _Any()
   def __call__(self, *args, **kwargs): return _Any()

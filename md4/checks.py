@@ -48,9 +48,9 @@ def check_config(cfg: Config, spec: DatasetSpec | None = None, *, num_devices: i
                      "(model.net.time_conditioning=True): set model.net.time_conditioning=False "
                      "or sample.reuse_unchanged=False")
   if s.reuse_unchanged and sampling.reveals_first(s.method, m.state_dependent):
-    raise ValueError(f"sample.reuse_unchanged applies to maskgit, remdm and GenMD4's grid samplers; "
-                     f"sample.method={s.method!r} with a state-independent schedule calls the "
-                     "network only on steps that reveal a token already")
+    raise ValueError("sample.reuse_unchanged applies to maskgit, remdm and GenMD4's grid "
+                     f"samplers; sample.method={s.method!r} with a state-independent schedule "
+                     "calls the network only on steps that reveal a token already")
   check_guidance(cfg)
   check_split(cfg, cfg.eval.split, "eval.split")
   check_batches(cfg, num_devices=num_devices, num_processes=num_processes)

@@ -1,8 +1,9 @@
 """Glue between a network and the math: parameters, the schedule, the denoiser, the objective.
 
 The network knows nothing of diffusion and the math knows nothing of Flax; they meet here, through
-denoise_fn(z_t, t) -> logits (split into body and output layer for the samplers: `denoiser`). Parameters are {"net": network params} plus, for GenMD4,
-{"schedule": {"raw_power": float32[V]}} with w = softplus(raw_power) > 0.
+denoise_fn(z_t, t) -> logits (split into body and output layer for the samplers: `denoiser`).
+Parameters are {"net": network params} plus, for GenMD4, {"schedule": {"raw_power": float32[V]}}
+with w = softplus(raw_power) > 0.
 
 model.objective picks what a model is trained and evaluated on (`OBJECTIVES`): "diffusion" (MD4,
 GenMD4: the bound of md4/elbo.py) or "autoregressive" (a causal transformer's exact likelihood,

@@ -1,10 +1,10 @@
 """Denoisers split into the network body and its output layer, read out at chosen positions only.
 
-A sampler that knows which masked positions a step reveals before it calls the network (md4.sampling:
-ancestral, euler, mean and first_hitting with a state-independent schedule) runs the body once and
-the output layer only at those positions: for MD4-S the 768 x 50257 output layer is about a quarter
-of the network's FLOPs per position, and the softmax, top-p and token draw over 50257 values cost as
-much again on a CPU. Shapes are static under jit, so a step's positions are read out in chunks of
+A sampler that knows which masked positions a step reveals before it calls the network
+(md4.sampling: ancestral, euler, mean and first_hitting with a state-independent schedule) runs the
+body once and the output layer only at those positions: for MD4-S the 768 x 50257 output layer is
+about a quarter of the network's FLOPs per position, and the softmax, top-p and token draw over
+50257 values cost as much again on a CPU. Shapes are static under jit, so a step's positions are read out in chunks of
 static size (`for_revealed`): a lax loop with as many iterations as the row that reveals the most
 needs, so nothing is dropped, and only one chunk's read-out is compiled (a lax.switch over bucket
 sizes compiles one per size: for MD4-S on XLA:CPU about a second each, mostly the token draw).

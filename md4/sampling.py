@@ -473,9 +473,9 @@ def check_options(state_dependent: bool, *, num_steps: int, method: str = "ances
                      "1 >= remask_t_on > remask_t_off >= 0, "
                      f"got remask_t_on={remask_t_on!r}, remask_t_off={remask_t_off!r}")
   if reuse_unchanged and reveals_first(method, state_dependent):
-    raise ValueError(f"reuse_unchanged applies to maskgit, remdm and GenMD4's grid samplers; {method} "
-                     "with a state-independent schedule calls the network only on steps that reveal "
-                     "a token already")
+    raise ValueError(f"reuse_unchanged applies to maskgit, remdm and GenMD4's grid samplers; "
+                     f"{method} with a state-independent schedule calls the network only on steps "
+                     "that reveal a token already")
   if state_dependent and method in STATE_INDEPENDENT_ONLY:
     why = {"first_hitting": "the time of the next unmasking depends on the unknown token values",
            "maskgit": "its reveal counts need one alpha(t) for every token",

@@ -1,8 +1,8 @@
 """Reveal first: the samplers that read the network out only at the positions they reveal.
 
-Ground truth: the enumerated law of the toy (tests/toy.py), NumPy references of the read-out loop, the
-pre-reveal-first samplers written out here (the coins and first_hitting's draws are kept bitwise),
-and the full network's logits (a split denoiser must sample exactly what the whole network samples).
+Ground truth: the enumerated law of the toy (tests/toy.py), NumPy references of the read-out
+loop, the pre-reveal-first samplers written out here (the coins and first_hitting's draws are kept
+bitwise), and the full network's logits (a split denoiser must sample exactly what the whole network samples).
 """
 
 import functools
