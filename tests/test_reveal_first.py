@@ -2,7 +2,8 @@
 
 Ground truth: the enumerated law of the toy (tests/toy.py), NumPy references of the read-out
 loop, the pre-reveal-first samplers written out here (the coins and first_hitting's draws are kept
-bitwise), and the full network's logits (a split denoiser must sample exactly what the whole network samples).
+bitwise), and the full network's logits (a split denoiser must sample exactly what the whole
+network samples).
 """
 
 import functools
