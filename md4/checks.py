@@ -19,9 +19,9 @@ def check_config(cfg: Config, spec: DatasetSpec | None = None, *, num_devices: i
                  num_processes: int = 1) -> None:
   """Raises ValueError naming the key, its value and the valid values.
 
-  spec: the dataset's (default: pipeline.get_spec(cfg.data), which reads no data).
+  spec: the model's data (default: pipeline.config_spec(cfg), which reads no data).
   """
-  spec = pipeline.get_spec(cfg.data) if spec is None else spec
+  spec = pipeline.config_spec(cfg) if spec is None else spec
   network = model.build_network(cfg, spec)  # Unknown network or fields, vocabulary, shape, classes.
   m, s = cfg.model, cfg.sample
   if not m.state_dependent:

@@ -23,6 +23,12 @@ class DataConfig:
   data_dir: str = ""  # Where `md4 prepare` wrote a real dataset; unused by the embedded ones.
   seq_length: int = 256  # Tokens per example, for text.
   num_workers: int = 0  # Loader worker processes (0: load in the main process).
+  # Images only (md4/data/pixels.py); 0 keeps the dataset's own. image_size: the side, a divisor of
+  # the dataset's (k x k blocks averaged); channels: 1 or 3; levels: values per channel, 2..256
+  # (level = floor(v * levels / 256)); the model's vocabulary is the number of levels.
+  image_size: int = 0
+  channels: int = 0
+  levels: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,6 +175,9 @@ def from_configdict(config: ml_collections.ConfigDict | Mapping[str, Any]) -> Co
 _RANGES: tuple[tuple[str, Any, str], ...] = (
     ("data.seq_length", lambda v: v >= 1, ">= 1"),
     ("data.num_workers", lambda v: v >= 0, ">= 0"),
+    ("data.image_size", lambda v: v >= 0, ">= 0 (0: the dataset's own)"),
+    ("data.channels", lambda v: v in (0, 1, 3), "0 (the dataset's own), 1 or 3"),
+    ("data.levels", lambda v: v == 0 or 2 <= v <= 256, "0 (the dataset's 256) or 2 to 256"),
     ("model.vocab_size", lambda v: v >= 2, ">= 2"),
     ("model.extra_tokens", lambda v: v >= 0, ">= 0"),
     ("model.eps", lambda v: 0.0 <= v < 0.5, "in [0, 0.5)"),

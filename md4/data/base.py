@@ -21,11 +21,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Iterator
+from typing import Any, Iterator, Protocol
 
 import grain
 import numpy as np
 from absl import flags
+
+from md4.data import pixels
 
 # "x": int32[B, *S]; "label": int32[B] (class-conditional data). Training batches also carry
 # "source_index": int64[B] (the record each row was read from); evaluation batches carry
@@ -45,6 +47,15 @@ class DatasetSpec:
   @property
   def tokens_per_example(self) -> int:
     return math.prod(self.example_shape)
+
+
+class Decodes(Protocol):
+  """What samples are written and judged with: a Dataset, or a model's md4.standalone.Decoder."""
+  spec: DatasetSpec
+  name: str  # The dataset's name ("mnist", "text8", ...).
+
+  def decode(self, x: np.ndarray) -> Any:
+    """One example as text, or as uint8[H, W, C] pixel values."""
 
 
 def _read_records(dataset: Dataset, index: np.ndarray) -> Batch:
@@ -206,8 +217,17 @@ class Dataset:
     return eval_batches(n, functools.partial(self.eval_example, split), global_batch,
                         process_index, process_count, tail)
 
+  def decoding(self) -> dict[str, Any]:
+    """How this dataset's ids become text or pixels, as md4.standalone records it beside a model:
+    {"pixels": levels}, {"alphabet": characters of ids 0, 1, ...}, {"tokenizer": spec of
+    md4.data.tokenizers.get_tokenizer} or {"ids": None} (text printed as the ids' numbers)."""
+    if self.spec.kind == "image":
+      return {"pixels": self.spec.vocab_size}
+    return {"ids": None}
+
   def decode(self, x: np.ndarray) -> Any:
-    """One example back to its natural form: the ids as text, or uint8[H, W, C] for images."""
+    """One example back to its natural form: the ids as text, or uint8[H, W, C] pixel values for
+    images (levels spread over 0..255, md4.data.pixels.to_pixels)."""
     if self.spec.kind == "text":
       return " ".join(map(str, np.asarray(x).reshape(-1)))
-    return np.asarray(x, np.uint8)
+    return pixels.to_pixels(x, self.spec.vocab_size)

@@ -77,7 +77,7 @@ def list_files(inputs: Sequence[str]) -> list[str]:
   if not inputs:
     raise ValueError("no input files given: pass files, directories or glob patterns")
   files = set()
-  for pattern in inputs:
+  for pattern in map(os.path.expanduser, inputs):
     if os.path.isdir(pattern):
       found = [p for p in glob.glob(os.path.join(pattern, "**", "*"), recursive=True)
                if os.path.isfile(p) and _format(p)]
@@ -490,6 +490,9 @@ class PackedBlocks(base.Dataset):
   def baseline(self):
     return (self.meta["train_unigram_entropy_bits"],
             "unigram entropy of the training tokens (EOS included)")
+
+  def decoding(self):
+    return {"tokenizer": self.tokenizer.name}
 
   def decode(self, x):
     ids = np.asarray(x).reshape(-1)

@@ -1,4 +1,5 @@
-"""CIFAR-10 and ImageNet 64x64: written by their tfds builders as array_record, read without TF.
+"""CIFAR-10 and ImageNet 32x32 and 64x64: written by their tfds builders as array_record, read
+without TF, in the format the config asks for (md4/data/pixels.py: size, channels, levels).
 
 Preparing (`prepare_images`) runs the tfds builder with `file_format="array_record"` into the usual
 tfds layout under data_dir (data_dir/cifar10/3.0.2/..., data_dir/downsampled_imagenet/64x64/...).
@@ -12,7 +13,9 @@ van den Oord et al. (2016) that the released code reads (images only, no labels)
 files are a manual download: put them in a folder and pass it as manual_dir; tfds finds them there
 by name, checks their sha256 against the registered checksums and reads them in place.
 "imagenet64_resized" is tfds `imagenet_resized/64x64`, a different resize (with labels) made for
-classification: bits/dim on it are not comparable with the paper's.
+classification: bits/dim on it are not comparable with the paper's. "imagenet32" is the 32x32
+configuration of the same benchmark (tfds `downsampled_imagenet/32x32`, from train_32x32.tar and
+valid_32x32.tar), which the released code reads the same way.
 """
 
 from __future__ import annotations
@@ -25,8 +28,9 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
-from md4.data import base
+from md4.data import base, pixels
 
+_IMAGENET32_TARS = ("train_32x32.tar", "valid_32x32.tar")
 _IMAGENET64_TARS = ("train_64x64.tar", "valid_64x64.tar")
 _IMAGENET64_RESIZED_ZIPS = ("Imagenet64_train_part1_npz.zip", "Imagenet64_train_part2_npz.zip",
                             "Imagenet64_val_npz.zip")
@@ -59,6 +63,15 @@ SOURCES: dict[str, ImageSource] = {
             "ImageNet 64x64 of van den Oord et al. (2016) that tfds registers at "
             "http://image-net.org/small/ with their sha256, into one folder and pass it as "
             "manual_dir")),
+    "imagenet32": ImageSource(
+        "downsampled_imagenet/32x32", (32, 32, 3), 0,
+        {"test": "validation", "valid": "validation"},
+        manual_files=_IMAGENET32_TARS,
+        manual_instructions=(
+            "download train_32x32.tar (4.1 GB) and valid_32x32.tar (161 MB), the downsampled "
+            "ImageNet 32x32 of van den Oord et al. (2016) that tfds registers at "
+            "http://image-net.org/small/ with their sha256, into one folder and pass it as "
+            "manual_dir")),
     # Not the paper's data: another resize, made for classification (bits/dim not comparable).
     "imagenet64_resized": ImageSource(
         "imagenet_resized/64x64", (64, 64, 3), 1000,
@@ -85,7 +98,7 @@ def prepare_images(name: str, data_dir: str, *, manual_dir: str | None = None) -
   """Downloads (or takes from manual_dir) and writes dataset `name` as array_record under data_dir.
 
   Args:
-    name: "cifar10", "imagenet64" or "imagenet64_resized".
+    name: a name in SOURCES ("cifar10", "imagenet32", "imagenet64", "imagenet64_resized").
     data_dir: the tfds data directory; the dataset lands in tfds' own layout below it, and the
       downloads in data_dir/downloads.
     manual_dir: folder holding the manually downloaded files (required for the ImageNets).
@@ -122,17 +135,19 @@ def prepare_images(name: str, data_dir: str, *, manual_dir: str | None = None) -
 class TfdsImages(base.Dataset):
   """A prepared tfds image dataset, read by random access; training record r is train image r.
 
-  Examples: {"x": int32[n, H, W, 3] in [0, 256)}, with "label": int32[n] in [0, num_classes) for
-  labelled datasets.
+  Examples: {"x": int32[n, s, s, c] in [0, L)} in the format `fmt` (md4.data.pixels; default the
+  dataset's own, 256 levels), with "label": int32[n] in [0, num_classes) for labelled datasets.
   The data sources are opened in the constructor (so a missing dataset fails at once) and again,
   lazily, after unpickling: a pickled TfdsImages carries no open data source.
   """
 
-  def __init__(self, name: str, data_dir: str):
+  def __init__(self, name: str, data_dir: str, fmt: pixels.ImageFormat | None = None):
     self.name = name
     self.data_dir = data_dir
     self._info = _source(name)
-    self.spec = base.DatasetSpec(256, self._info.image_shape, "image", "dim",
+    self.format = fmt or pixels.ImageFormat(self._info.image_shape[0], self._info.image_shape[2],
+                                            pixels.MAX_LEVELS)
+    self.spec = base.DatasetSpec(self.format.levels, self.format.shape, "image", "dim",
                                  self._info.num_classes)
     self._sources: dict[str, Any] | None = None
     self.num_train_examples = len(self._split_source("train"))
@@ -178,12 +193,14 @@ class TfdsImages(base.Dataset):
   def _read(self, tfds_split: str, rows: np.ndarray) -> base.Batch:
     source = self._split_source(tfds_split)
     examples = source.__getitems__([int(r) for r in rows]) if len(rows) else []
-    x = np.empty((len(rows),) + self.spec.example_shape, np.int32)
+    shape = self._info.image_shape
+    raw = np.empty((len(rows),) + shape, np.uint8)
     for i, example in enumerate(examples):
-      if example["image"].shape != self.spec.example_shape:
+      if example["image"].shape != shape:
         raise ValueError(f"dataset {self.name} in {self.data_dir}: {tfds_split} example {rows[i]} "
-                         f"has shape {example['image'].shape}, expected {self.spec.example_shape}")
-      x[i] = example["image"]
+                         f"has shape {example['image'].shape}, expected {shape}")
+      raw[i] = example["image"]
+    x = pixels.reformat(raw, self.format)
     if not self.spec.num_classes:
       return {"x": x}
     return {"x": x, "label": np.array([e["label"] for e in examples], np.int32).reshape(-1)}

@@ -7,14 +7,15 @@ here: DatasetSpec, Batch, Dataset); document corpora in `md4.data.documents`, tf
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Callable
 
 import numpy as np
 
-from md4.config import DataConfig
-from md4.data import demo, documents, images, text8
+from md4.config import Config, DataConfig
+from md4.data import demo, documents, images, pixels, text8
 from md4.data.base import Batch, Dataset, DatasetSpec  # Also imported from here by callers.
 
 
@@ -74,29 +75,36 @@ class CharCorpus(Dataset):
   def baseline(self):
     return demo.unigram_entropy_bits(self.splits.train), "unigram entropy of the training split"
 
+  def decoding(self):
+    return {"alphabet": text8.VOCAB}
+
   def decode(self, x):
     return text8.decode(x)
 
 
 class ImageSet(Dataset):
-  """Images uint8[N, H, W, C] with labels, in memory; training record r is training image r.
+  """Images with labels, in memory, in the format the config asks for; training record r is
+  training image r.
 
-  origin: where the images come from, as `describe_example` names it.
+  train, test: (uint8[N, H, W, C] images, labels[N]) as the dataset has them; fmt: the model's
+  format (md4.data.pixels), applied as the images are read. origin: where the images come from, as
+  `describe_example` names it.
   """
 
   def __init__(self, train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray],
-               num_classes: int, name: str, origin: str):
+               num_classes: int, name: str, origin: str, fmt: pixels.ImageFormat):
     self.train_images, self.train_labels = train
     self.test_images, self.test_labels = test
     self.name = name
     self.origin = origin
-    self.spec = DatasetSpec(256, self.train_images.shape[1:], "image", "dim", num_classes)
+    self.format = fmt
+    self.spec = DatasetSpec(fmt.levels, fmt.shape, "image", "dim", num_classes)
 
   def num_train_records(self):
     return len(self.train_images)
 
   def read_train(self, index):
-    return {"x": self.train_images[index].astype(np.int32),
+    return {"x": pixels.reformat(self.train_images[index], self.format),
             "label": self.train_labels[index].astype(np.int32)}
 
   def describe_example(self, split, source_index):
@@ -111,11 +119,11 @@ class ImageSet(Dataset):
     return len(self.test_images)
 
   def eval_example(self, split, index):
-    return {"x": self.test_images[index].astype(np.int32),
+    return {"x": pixels.reformat(self.test_images[index], self.format),
             "label": self.test_labels[index].astype(np.int32)}
 
   def baseline(self):
-    return (demo.unigram_entropy_bits(self.train_images),
+    return (demo.unigram_entropy_bits(pixels.reformat(self.train_images, self.format)),
             "entropy of the training pixel-value histogram")
 
 
@@ -163,6 +171,7 @@ class SyntheticDataset(Dataset):
 
 def _document_spec(cfg: DataConfig) -> DatasetSpec:
   """GPT-2's vocabulary, or the one a prepared dataset records (a SentencePiece model's)."""
+  _check_no_image_keys(cfg)
   meta = os.path.join(cfg.data_dir, cfg.dataset, "meta.json") if cfg.data_dir else ""
   vocab = 50257
   if meta and os.path.exists(meta):
@@ -171,15 +180,42 @@ def _document_spec(cfg: DataConfig) -> DatasetSpec:
   return DatasetSpec(vocab, (cfg.seq_length,), "text", "token")
 
 
+def _text_spec(vocab_size: int, unit: str):
+  def spec(cfg: DataConfig) -> DatasetSpec:
+    _check_no_image_keys(cfg)
+    return DatasetSpec(vocab_size, (cfg.seq_length,), "text", unit)
+  return spec
+
+
+def _check_no_image_keys(cfg: DataConfig) -> None:
+  given = [f"data.{k}={getattr(cfg, k)}" for k in ("image_size", "channels", "levels")
+           if getattr(cfg, k)]
+  if given:
+    raise ValueError(f"{', '.join(given)} applies to image datasets; {cfg.dataset!r} is text")
+
+
+def _image_spec(source_shape: tuple[int, int, int], num_classes: int):
+  def spec(cfg: DataConfig) -> DatasetSpec:
+    fmt = pixels.image_format(cfg, source_shape)
+    return DatasetSpec(fmt.levels, fmt.shape, "image", "dim", num_classes)
+  return spec
+
+
+def _tfds_spec(name: str):
+  source = images.SOURCES[name]
+  return _image_spec(source.image_shape, source.num_classes)
+
+
+# The MNIST digits as they are embedded (md4/data/demo.py).
+MNIST_SHAPE = (28, 28, 1)
+
 SPECS: dict[str, Callable[[DataConfig], DatasetSpec]] = {
-    "shakespeare": lambda cfg: DatasetSpec(text8.VOCAB_SIZE, (cfg.seq_length,), "text", "char"),
-    "text8": lambda cfg: DatasetSpec(text8.VOCAB_SIZE, (cfg.seq_length,), "text", "char"),
+    "shakespeare": _text_spec(text8.VOCAB_SIZE, "char"),
+    "text8": _text_spec(text8.VOCAB_SIZE, "char"),
     "openwebtext": _document_spec,
     "fineweb_edu": _document_spec,
-    "mnist": lambda cfg: DatasetSpec(256, (28, 28, 1), "image", "dim", 10),
-    "cifar10": lambda cfg: DatasetSpec(256, (32, 32, 3), "image", "dim", 10),
-    "imagenet64": lambda cfg: DatasetSpec(256, (64, 64, 3), "image", "dim", 0),
-    "imagenet64_resized": lambda cfg: DatasetSpec(256, (64, 64, 3), "image", "dim", 1000),
+    "mnist": _image_spec(MNIST_SHAPE, demo.MNIST_NUM_CLASSES),
+    **{name: _tfds_spec(name) for name in images.SOURCES},
 }
 
 
@@ -195,7 +231,8 @@ def _load_mnist(cfg: DataConfig) -> Dataset:
   origin = (f"the embedded demo data md4/data/demo/{demo.MNIST_FILE} (train: its digits "
             f"0..{n - 1}, test: its digits {n}..{n + len(splits.test.labels) - 1})")
   return ImageSet((splits.train.images[..., None], splits.train.labels),
-                  (splits.test.images[..., None], splits.test.labels), 10, cfg.dataset, origin)
+                  (splits.test.images[..., None], splits.test.labels), demo.MNIST_NUM_CLASSES,
+                  cfg.dataset, origin, pixels.image_format(cfg, MNIST_SHAPE))
 
 
 def _load_text8(cfg: DataConfig) -> Dataset:
@@ -216,8 +253,13 @@ def _load_documents(cfg: DataConfig) -> Dataset:
 
 
 def _load_images(cfg: DataConfig) -> Dataset:
-  return images.TfdsImages(cfg.dataset, _data_dir(cfg))
+  source = images.SOURCES[cfg.dataset]
+  return images.TfdsImages(cfg.dataset, _data_dir(cfg), pixels.image_format(cfg,
+                                                                            source.image_shape))
 
+
+# The datasets that ship inside the package (md4/data/demo/): they load with no data.data_dir.
+EMBEDDED = ("shakespeare", "mnist")
 
 LOADERS: dict[str, Callable[[DataConfig], Dataset]] = {
     "shakespeare": _load_shakespeare,
@@ -225,9 +267,7 @@ LOADERS: dict[str, Callable[[DataConfig], Dataset]] = {
     "text8": _load_text8,
     "openwebtext": _load_documents,
     "fineweb_edu": _load_documents,
-    "cifar10": _load_images,
-    "imagenet64": _load_images,
-    "imagenet64_resized": _load_images,
+    **{name: _load_images for name in images.SOURCES},
 }
 
 
@@ -238,9 +278,8 @@ EVAL_SPLITS: dict[str, tuple[str, ...]] = {
     "openwebtext": ("valid", "test"),  # "test" is an alias of "valid" (PackedBlocks).
     "fineweb_edu": ("valid", "test"),
     "mnist": ("valid", "test"),  # The same images (ImageSet).
-    "cifar10": ("valid", "test"),  # The test images (images.SOURCES).
-    "imagenet64": ("valid", "test"),
-    "imagenet64_resized": ("valid", "test"),
+    # CIFAR-10: the test images; the ImageNets: the validation images (images.SOURCES).
+    **{name: ("valid", "test") for name in images.SOURCES},
 }
 
 
@@ -253,6 +292,17 @@ def get_spec(cfg: DataConfig) -> DatasetSpec:
   if cfg.dataset not in SPECS:
     raise ValueError(f"unknown dataset {cfg.dataset!r}; valid: {', '.join(SPECS)}")
   return SPECS[cfg.dataset](cfg)
+
+
+def config_spec(cfg: Config) -> DatasetSpec:
+  """The spec a whole config describes, reading no data: the dataset's (`get_spec`), except that a
+  token corpus not prepared in data.data_dir has the model's vocabulary (model.vocab_size less
+  model.extra_tokens): whatever tokenizer the model reads, not necessarily GPT-2's."""
+  spec = get_spec(cfg.data)
+  if (spec.unit == "token"
+      and documents.prepared_tokenizer(cfg.data.data_dir, cfg.data.dataset) is None):
+    spec = dataclasses.replace(spec, vocab_size=cfg.model.vocab_size - cfg.model.extra_tokens)
+  return spec
 
 
 def load(cfg: DataConfig) -> Dataset:

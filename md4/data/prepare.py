@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
+from md4 import paths
 from md4.data import documents, images, text8
 
 
@@ -42,18 +43,18 @@ PREPARERS: dict[str, Callable[..., dict]] = {
     "text8": _text8,
     "openwebtext": _documents("openwebtext"),
     "fineweb_edu": _documents("fineweb_edu"),
-    "cifar10": _images("cifar10"),
-    "imagenet64": _images("imagenet64"),
-    "imagenet64_resized": _images("imagenet64_resized"),
+    **{name: _images(name) for name in images.SOURCES},
 }
 
 
 def prepare(name: str, data_dir: str, *, sources: Sequence[str] | None = None, **options) -> dict:
   """Prepares dataset `name` under data_dir; returns a summary (sizes, files).
 
+  data_dir and sources may be relative or start with `~` (md4.paths.resolve); globs stay globs.
   options: for openwebtext and fineweb_edu, prepare_documents' keyword arguments (tokenizer,
   seq_length, heldout_fraction, seed).
   """
   if name not in PREPARERS:
     raise ValueError(f"unknown dataset {name!r} to prepare; valid: {', '.join(PREPARERS)}")
-  return PREPARERS[name](data_dir, sources, **options)
+  sources = [paths.resolve(s) for s in sources] if sources else sources
+  return PREPARERS[name](paths.resolve(data_dir), sources, **options)

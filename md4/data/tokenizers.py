@@ -27,6 +27,8 @@ from typing import Iterable, Sequence
 
 import regex  # tiktoken's own dependency: GPT-2's pattern needs Unicode classes (\p{L}).
 
+from md4 import paths
+
 SPEC_FORMS = ('"gpt2"', '"bpe:DIR" (vocab.json and merges.txt of a GPT-2-style tokenizer)',
               '"sentencepiece:PATH" (a SentencePiece .model file)')
 EOS_TEXT = "<|endoftext|>"
@@ -320,10 +322,10 @@ def get_tokenizer(spec: str) -> Tokenizer:
   if spec == "gpt2":
     return GPT2Tokenizer()
   if isinstance(spec, str) and spec.startswith("bpe:") and len(spec) > len("bpe:"):
-    return BPETokenizer(os.path.abspath(spec[len("bpe:"):]))
+    return BPETokenizer(paths.resolve(spec[len("bpe:"):]))
   prefix = "sentencepiece:"
   if isinstance(spec, str) and spec.startswith(prefix) and len(spec) > len(prefix):
-    return SentencePieceTokenizer(spec[len(prefix):])
+    return SentencePieceTokenizer(paths.resolve(spec[len(prefix):]))
   raise ValueError(f"unknown tokenizer {spec!r}; valid forms: {', '.join(SPEC_FORMS)}")
 
 

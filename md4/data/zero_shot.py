@@ -148,7 +148,7 @@ def resolve_files(name: str, sources: Sequence[str]) -> list[str]:
   if not sources:
     raise ValueError(f"zero-shot corpus {name}: no --source file given")
   files = []
-  for source in sources:
+  for source in map(os.path.expanduser, sources):
     if os.path.isfile(source):
       files.append(source)
     elif os.path.isdir(source):
