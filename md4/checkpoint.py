@@ -4,7 +4,8 @@ A save writes to a temporary directory and renames it when complete (Orbax), so 
 mid-save leaves the previous checkpoint as the latest one. md4's record (the `meta` item, a JSON dict
 to which keys may be added) holds the config, what fixes the parameters' meaning, the training
 settings, the layout and checksum of every array of the state (md4.integrity), the digest of the data
-stream's state, and its own digest.
+stream's state, its own digest, and the model's description (md4.standalone: the data's spec and
+how ids decode), so that the checkpoint can be used with no dataset at hand.
 
 Every restore is verified: the record against its digest, each restored array against its checksum,
 the data stream's state against its digest, and the restored parameters for NaN and infinity. A
@@ -19,8 +20,9 @@ the optimizer state recorded at save time differs from this config's, the optimi
 fresh and a note says so. Damage is never taken for such a change: the decision reads the record,
 which is itself verified.
 
-Readers that need only parameters (eval, sample, judges) use `load_for_inference`, which restores
-params, EMA params and the step without the optimizer state, and imports nothing of the trainer.
+Readers that need only parameters (eval, sample, judges; through md4.inference, which reads
+exported models too) use `load_for_inference`, which restores params, EMA params and the step
+without the optimizer state, and imports nothing of the trainer.
 """
 
 from __future__ import annotations
@@ -42,11 +44,12 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from md4 import config as config_lib
-from md4 import integrity, model, sharding
+from md4 import integrity, model, paths, sharding
 from md4.config import Config
 from md4.data.pipeline import DatasetSpec
 from md4.failures import (CheckpointUnreadable, SaveFailed, StorageError, describe,
                           is_out_of_space)
+from md4.standalone import Description
 from md4.state import TrainState
 
 _ITEMS = ("state", "data", "meta")
@@ -65,11 +68,16 @@ class Restored(NamedTuple):
 
 
 class Checkpointer:
-  """The checkpoints of one workdir under one config."""
+  """The checkpoints of one workdir under one config. A writer passes the model's `description`
+  (md4.standalone) and, for a model not trained here, its `origin` in words; both are recorded
+  with each save."""
 
-  def __init__(self, workdir: str, cfg: Config, *, read_only: bool = False):
+  def __init__(self, workdir: str, cfg: Config, *, read_only: bool = False,
+               description: Description | None = None, origin: str | None = None):
     self.cfg = cfg
-    self.workdir = os.path.abspath(workdir)
+    self.description = description
+    self.origin = origin
+    self.workdir = paths.resolve(workdir)
     self.directory = os.path.join(self.workdir, "checkpoints")
     if read_only and not os.path.isdir(self.directory):
       raise ValueError(f"no checkpoint in {self.directory}: {workdir} holds no run (train first: "
@@ -119,7 +127,9 @@ class Checkpointer:
             "training": config_lib.training_settings(self.cfg),
             "config": config_lib.to_dict(self.cfg),
             "arrays": {name: [shapes[name], sums[name]] for name in shapes},
-            "data_digest": integrity.json_digest(data_state)}
+            "data_digest": integrity.json_digest(data_state),
+            **({"description": self.description.to_json()} if self.description else {}),
+            **({"origin": self.origin} if self.origin else {})}
 
   def _remove_partial_save(self, step: int) -> str:
     """Removes the temporary directory of a failed save of `step`; says what happened to it."""
@@ -396,19 +406,54 @@ def _changed_settings(theirs: dict[str, Any] | None, ours: dict[str, Any]) -> li
           for key, value in ours.items() if key in theirs and theirs[key] != value]
 
 
-def read_checkpoint_config(workdir: str, step: int | None = None) -> Config:
-  """The config a checkpoint in workdir was written with (its own record), for readers that know
-  only the workdir, such as a judge. step: default the latest."""
-  directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+class Record(NamedTuple):
+  """What a checkpoint records beside its arrays."""
+  step: int
+  config: dict[str, Any]  # As written (md4.config.to_dict); keys added since take their defaults.
+  description: Description | None  # None for checkpoints written before descriptions were.
+  origin: str | None  # Where a model not trained here came from (md4 convert), in words.
+
+
+def read_record(workdir: str, step: int | None = None) -> Record:
+  """The record of the checkpoint at `step` (default: the latest) in workdir, for readers that know
+  only the workdir (sample, info, a judge).
+
+  The config and description are the run's: when this step's record is unreadable they come from
+  the newest older record that is intact, the step staying the one asked for, so that reading its
+  arrays (restore_params) reports the damage and names the newest intact step.
+  """
+  directory = os.path.join(paths.resolve(workdir), "checkpoints")
   if not os.path.isdir(directory):
     raise ValueError(f"no checkpoint in {directory}")
   options = ocp.CheckpointManagerOptions(read_only=True, create=False)
   with ocp.CheckpointManager(directory, options=options, item_names=_ITEMS) as manager:
-    step = manager.latest_step() if step is None else step
+    steps = sorted(manager.all_steps())
+    step = (steps[-1] if steps else None) if step is None else step
     if step is None:
       raise ValueError(f"no checkpoint in {directory}")
-    meta = _read_meta(manager, step)
-  return config_lib.from_configdict(meta["config"])
+    if step not in steps:
+      raise ValueError(f"no checkpoint at step {step} in {directory}; steps there: {steps}")
+    try:
+      meta = _read_meta(manager, step)
+    except CheckpointUnreadable:
+      meta = _newest_readable_meta(manager, [s for s in steps if s < step])
+      if meta is None:
+        raise
+  description = meta.get("description")
+  where = f"the checkpoint record of {directory}"
+  return Record(step, meta["config"],
+                None if description is None else Description.from_json(description, where),
+                meta.get("origin"))
+
+
+def _newest_readable_meta(manager: ocp.CheckpointManager, steps: list[int]
+                          ) -> dict[str, Any] | None:
+  for step in reversed(steps):
+    try:
+      return _read_meta(manager, step)
+    except CheckpointUnreadable:
+      continue
+  return None
 
 
 def _read_meta(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
@@ -456,7 +501,7 @@ def abstract_params_state(cfg: Config, network: nn.Module, spec: DatasetSpec, me
 def load_for_inference(cfg: Config, spec: DatasetSpec, workdir: str,
                        step: int | None = None) -> Inference:
   """The network, a mesh over all devices and the verified parameters of the checkpoint at `step`
-  (default: the latest) in workdir."""
+  (default: the latest) in workdir. (md4.inference reads exported models too.)"""
   network = model.build_network(cfg, spec)
   mesh = sharding.make_mesh(cfg.train.mesh_fsdp)
   checkpointer = Checkpointer(workdir, cfg, read_only=True)

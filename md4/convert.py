@@ -1,9 +1,12 @@
 """Importing checkpoints written by the paper's released code (google-deepmind/md4).
 
-The released trainer saves an Orbax checkpoint per step, `WORKDIR/checkpoints/STEP/train_state`,
-holding its TrainState: `params` and `ema_params` (the MD4 or GenMD4 module's parameters, the
+The released trainers save an Orbax checkpoint per step, `WORKDIR/checkpoints/STEP/train_state`,
+holding their TrainState: `params` and `ema_params` (the MD4 or GenMD4 module's parameters, the
 network under "classifier", GenMD4's exponents as "noise_schedule/w", class embeddings as
-"cond_embeddings"), `opt_state`, `step`, `rng`. `convert_params` maps such a parameter tree onto
+"cond_embeddings"), `opt_state`, `step`, `rng`. The sharded trainer (md4/sharded_train.py) creates
+its transformer's parameters boxed in flax's `LogicallyPartitioned` (`nn.with_logical_partitioning`,
+with the same module names); a state saved with its boxes holds each boxed array under a further
+key, "value" (`kernel/value`), which `unbox` removes. `convert_params` maps a parameter tree onto
 this project's, tensor by tensor, by explicit rules per network (`RULES`); every released tensor
 must be used and every one of ours filled, with the shapes of the network the config builds, or it
 fails naming the tensor. `convert_checkpoint` writes the result as a checkpoint of this project
@@ -30,10 +33,11 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from md4 import checkpoint, model
+from md4 import checkpoint, model, paths
 from md4.state import TrainState, stream_key
 from md4.config import Config
 from md4.data.pipeline import DatasetSpec
+from md4.standalone import Description
 from md4.networks import TransformerConfig, UNetConfig, UViTConfig
 
 Params = Any
@@ -248,6 +252,22 @@ def convert_params(reference: Mapping[str, Any], cfg: Config, spec: DatasetSpec)
   return flax.traverse_util.unflatten_dict(out, sep="/")
 
 
+def _is_box(node: Any) -> bool:
+  """A saved flax partitioning box: a mapping whose only key is "value", holding an array."""
+  return (isinstance(node, Mapping) and list(node) == ["value"]
+          and not isinstance(node["value"], Mapping))
+
+
+def unbox(tree: Any) -> Any:
+  """The tree with every saved partitioning box (nn.Partitioned, nn.LogicallyPartitioned: the
+  array under "value") replaced by its array; other nodes as they are."""
+  if _is_box(tree):
+    return tree["value"]
+  if isinstance(tree, Mapping):
+    return {k: unbox(v) for k, v in tree.items()}
+  return tree
+
+
 class ReferenceCheckpoint(NamedTuple):
   params: Params
   ema_params: Params | None  # None when the released run kept no EMA (ema_rate 0).
@@ -259,9 +279,10 @@ def find_train_state(path: str, step: int | None = None) -> str:
   """The `train_state` directory of a released checkpoint.
 
   path may be the released workdir, its `checkpoints` directory, one step's directory, or the
-  `train_state` directory itself; with several steps, the latest (or `step`) is taken.
+  `train_state` directory itself, relative or absolute; with several steps, the latest (or `step`)
+  is taken.
   """
-  p = pathlib.Path(path)
+  p = pathlib.Path(paths.resolve(path))
   if not p.is_dir():
     raise ValueError(f"--from_reference={path} is not a directory")
   if (p / "checkpoints").is_dir():
@@ -301,9 +322,9 @@ def read_reference_checkpoint(path: str, step: int | None = None) -> ReferenceCh
       restore_args=select(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
                           lambda _: ocp.PLACEHOLDER)))
   ema = restored.get("ema_params")
-  ema = ema if ema and jax.tree.leaves(ema) else None
-  return ReferenceCheckpoint(restored["params"], ema, int(np.asarray(restored.get("step", 0))),
-                             directory)
+  ema = unbox(ema) if ema and jax.tree.leaves(ema) else None
+  return ReferenceCheckpoint(unbox(restored["params"]), ema,
+                             int(np.asarray(restored.get("step", 0))), directory)
 
 
 class ConvertResult(NamedTuple):
@@ -315,11 +336,15 @@ class ConvertResult(NamedTuple):
 
 
 def convert_checkpoint(source: str, cfg: Config, spec: DatasetSpec, workdir: str,
-                       step: int | None = None) -> ConvertResult:
+                       step: int | None = None,
+                       description: Description | None = None) -> ConvertResult:
   """Converts the released checkpoint at `source` and writes it as step S of a checkpoint of this
-  project in `workdir` (S: the released step). Refuses a workdir that already holds checkpoints."""
+  project in `workdir` (S: the released step), recording `description` (md4.standalone: the data's
+  spec and decoding, so the checkpoint needs no dataset) and where it came from. Refuses a workdir
+  that already holds checkpoints."""
   from md4 import train  # The trainer's optimizer; imported only to write.
 
+  workdir = paths.resolve(workdir)
   existing = checkpoint.Checkpointer(workdir, cfg, read_only=True).latest_step() \
       if os.path.isdir(os.path.join(workdir, "checkpoints")) else None
   if existing is not None:
@@ -333,7 +358,9 @@ def convert_checkpoint(source: str, cfg: Config, spec: DatasetSpec, workdir: str
   state = TrainState(step=jnp.asarray(ref.step, jnp.int32), params=params,
                      opt_state=setup.tx.init(params), ema_params=ema,
                      rng=jax.random.key_data(stream_key(cfg.train.seed, "init")))
-  checkpointer = checkpoint.Checkpointer(workdir, cfg)
+  origin = (f"Converted by md4 convert from the released code's checkpoint {ref.directory} (step "
+            f"{ref.step})")
+  checkpointer = checkpoint.Checkpointer(workdir, cfg, description=description, origin=origin)
   checkpointer.save(state, {})  # No data stream: a resumed run starts its stream afresh.
   return ConvertResult(ref.step, sum(x.size for x in jax.tree.leaves(params)), ref.directory,
                        checkpointer.directory, ref.ema_params is not None)

@@ -37,10 +37,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from md4 import checkpoint, model
+from md4 import checkpoint, model, paths
 from md4.config import Config
 from md4.data.pipeline import DatasetSpec
 from md4.networks.dit import rope_inv_freq
+from md4.standalone import Description
 from md4.state import TrainState, stream_key
 
 PREFIX = "backbone."
@@ -215,13 +216,15 @@ class ConvertResult(NamedTuple):
   has_ema: bool
 
 
-def convert_checkpoint(source: str, cfg: Config, spec: DatasetSpec,
-                       workdir: str) -> ConvertResult:
+def convert_checkpoint(source: str, cfg: Config, spec: DatasetSpec, workdir: str,
+                       description: Description | None = None) -> ConvertResult:
   """Converts the MDLM checkpoint at `source` and writes it as a checkpoint of this project in
-  `workdir` (its step: the .ckpt's, 0 for a hub directory). Refuses a workdir holding checkpoints.
-  Without EMA weights (a hub directory) the EMA parameters are the weights given."""
+  `workdir` (its step: the .ckpt's, 0 for a hub directory), recording `description`
+  (md4.standalone: the data's spec and decoding) and where it came from. Refuses a workdir holding
+  checkpoints. Without EMA weights (a hub directory) the EMA parameters are the weights given."""
   from md4 import train  # The trainer's optimizer; imported only to write.
 
+  workdir = paths.resolve(workdir)
   existing = checkpoint.Checkpointer(workdir, cfg, read_only=True).latest_step() \
       if os.path.isdir(os.path.join(workdir, "checkpoints")) else None
   if existing is not None:
@@ -236,7 +239,8 @@ def convert_checkpoint(source: str, cfg: Config, spec: DatasetSpec,
   state = TrainState(step=jnp.asarray(ref.step, jnp.int32), params=params,
                      opt_state=setup.tx.init(params), ema_params=ema,
                      rng=jax.random.key_data(stream_key(cfg.train.seed, "init")))
-  checkpointer = checkpoint.Checkpointer(workdir, cfg)
+  origin = f"Converted by md4 convert from MDLM's checkpoint {ref.source} (step {ref.step})"
+  checkpointer = checkpoint.Checkpointer(workdir, cfg, description=description, origin=origin)
   checkpointer.save(state, {})  # No data stream: a resumed run starts its stream afresh.
   return ConvertResult(ref.step, sum(x.size for x in jax.tree.leaves(params)), ref.source,
                        checkpointer.directory, ref.ema is not None)

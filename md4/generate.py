@@ -16,9 +16,11 @@ from PIL import Image
 from md4 import checks, model, readout, sampling
 from md4.config import Config
 from md4.data import text8
-from md4.data.pipeline import Dataset, DatasetSpec
+from md4.data.base import Decodes, DatasetSpec
 
 BLANK = "_"
+# Image grids narrower than this are scaled up by a whole factor (nearest neighbour) to reach it.
+MIN_GRID_PIXELS = 448
 
 
 def _check_text8(spec: DatasetSpec, what: str) -> None:
@@ -122,10 +124,13 @@ class Drawn(NamedTuple):
   path: str | None  # The file written (process 0), None elsewhere.
 
 
-def draw(sampler: Sampler, params, rng: jax.Array, dataset: Dataset, cfg: Config, path_stem: str,
+def draw(sampler: Sampler, params, rng: jax.Array, dataset: Decodes, cfg: Config, path_stem: str,
          init: np.ndarray | None = None) -> Drawn:
   """cfg.sample.num_samples samples (from `init`, default all masked; class-conditional models get
   classes 0, 1, 2, ... in turn), written by process 0 to path_stem.txt or .png.
+
+  dataset: the model's dataset or its recorded description (md4.standalone.Decoder), which decodes
+  the samples.
 
   Every process calls this: sampling is one computation over all of them.
   """
@@ -163,8 +168,16 @@ def image_grid(images: np.ndarray, columns: int | None = None) -> np.ndarray:
   return grid
 
 
-def write_samples(dataset: Dataset, samples: np.ndarray, path_stem: str) -> str:
-  """Writes samples as path_stem.txt (one per line) or path_stem.png (a grid); returns the path."""
+def scale_up(image: np.ndarray, min_size: int = MIN_GRID_PIXELS) -> np.ndarray:
+  """uint8[H, W, C] repeated k x k per pixel, k the least whole factor that makes min(H, W) >=
+  min_size (1 if it is already)."""
+  k = max(1, -(-min_size // min(image.shape[:2])))
+  return np.repeat(np.repeat(image, k, axis=0), k, axis=1)
+
+
+def write_samples(dataset: Decodes, samples: np.ndarray, path_stem: str) -> str:
+  """Writes samples as path_stem.txt (one per line) or path_stem.png (a grid, at least
+  MIN_GRID_PIXELS on its shorter side); returns the path."""
   os.makedirs(os.path.dirname(path_stem) or ".", exist_ok=True)
   samples = np.asarray(samples)
   if dataset.spec.kind == "text":
@@ -173,6 +186,15 @@ def write_samples(dataset: Dataset, samples: np.ndarray, path_stem: str) -> str:
       f.writelines(dataset.decode(s) + "\n" for s in samples)
     return path
   path = path_stem + ".png"
-  grid = image_grid(samples.astype(np.uint8))
+  grid = scale_up(image_grid(np.stack([dataset.decode(s) for s in samples])))
   Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path)
   return path
+
+
+def sample_report(dataset: Decodes, samples: np.ndarray) -> str | None:
+  """A line judging image samples where a judge of them exists (the MNIST digits: md4.digits),
+  else None."""
+  if dataset.name != "mnist" or dataset.spec.kind != "image":
+    return None
+  from md4 import digits  # pylint: disable=g-import-not-at-top
+  return digits.judge(np.asarray(samples), dataset.spec).line()

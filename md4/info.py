@@ -2,7 +2,7 @@
 
 Parameter shapes come from jax.eval_shape and FLOPs from XLA's cost analysis of the lowered (not
 compiled) computation, so nothing of the model's size is ever allocated; no dataset is read (the
-dataset's spec comes from the config).
+data's spec comes from the config, or from a model's own record with `md4 info --workdir=DIR`).
 """
 
 from __future__ import annotations
@@ -75,9 +75,12 @@ def transformer_weights_per_token(cfg: TransformerConfig) -> int:
   return cfg.num_layers * (4 * d * d + mlp) + d * cfg.vocab_size + cfg.embed_dim * d
 
 
-def describe(cfg: Config) -> Info:
-  """Counts parameters and training FLOPs of cfg's model from shapes alone."""
-  spec = pipeline.get_spec(cfg.data)
+def describe(cfg: Config, spec: DatasetSpec | None = None) -> Info:
+  """Counts parameters and training FLOPs of cfg's model from shapes alone.
+
+  spec: the model's data (default: what the config describes, pipeline.config_spec).
+  """
+  spec = pipeline.config_spec(cfg) if spec is None else spec
   network = model.build_network(cfg, spec)
   params = jax.eval_shape(lambda: model.init_params(jax.random.key(0), network, cfg.model, spec))
   z = jax.ShapeDtypeStruct((1,) + spec.example_shape, jnp.int32)

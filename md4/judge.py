@@ -14,9 +14,9 @@ Judges (`load_judge`):
               model.safetensors, vocab.json, merges.txt; e.g. GPT-2 Large from a user's cache),
               run in JAX here: no PyTorch. Every protocol.
   ModelJudge  an autoregressive model trained by this project (model.objective="autoregressive",
-              e.g. configs/judge_demo.py), read from its workdir: for character-level models,
-              where GPT-2 does not apply. The "md4" protocol only (its vocabulary has no end-of-text
-              token).
+              e.g. configs/judge_demo.py), read from its workdir or its exported directory: for
+              character-level models, where GPT-2 does not apply. The "md4" protocol only (its
+              vocabulary has no end-of-text token).
 Both offer what the protocols need: `position_nll`, the negative log-probability of given targets
 after given inputs, batched on the device.
 """
@@ -259,13 +259,15 @@ class GPT2Judge:
 # ----------------------------------------------------------------------- a model of this project
 
 class ModelJudge:
-  """An autoregressive model of this project (model.objective="autoregressive") from its workdir;
-  over text8 characters, the vocabulary of the character-level demo and text8 models."""
+  """An autoregressive model of this project (model.objective="autoregressive") from its workdir or
+  exported directory; over text8 characters, the vocabulary of the character-level demo and text8
+  models."""
 
   def __init__(self, workdir: str, batch_size: int = 64):
-    from md4 import checkpoint, evaluate, state  # pylint: disable=g-import-not-at-top
+    from md4 import evaluate, inference, state  # pylint: disable=g-import-not-at-top
     from md4.data import pipeline  # pylint: disable=g-import-not-at-top
-    cfg = checkpoint.read_checkpoint_config(workdir)
+    model_dir = inference.open_model(workdir)
+    cfg = inference.recorded_config(model_dir)
     if cfg.model.objective != "autoregressive":
       raise ValueError(f"judge {workdir} is a {cfg.model.objective} model; a judge must be "
                        "autoregressive (model.objective='autoregressive', e.g. "
@@ -276,7 +278,7 @@ class ModelJudge:
                        "project must read text8 characters")
     # A judge computes in float32, whatever precision it trained in.
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, compute_dtype="float32"))
-    loaded = checkpoint.load_for_inference(cfg, dataset.spec, workdir)
+    loaded = inference.load(cfg, model_dir, dataset=dataset)
     params = state.inference_params(loaded.state, cfg, "eval")
     result = evaluate.Evaluator(loaded.network, cfg, loaded.mesh)(params, dataset)
     self.held_out_bits = result.bits_per_token
@@ -311,11 +313,13 @@ class ModelJudge:
 
 
 def load_judge(path: str) -> Judge:
-  """A GPT-2 directory (config.json) or a workdir of this project's autoregressive model."""
+  """A GPT-2 directory (config.json) or a workdir or exported directory of this project's
+  autoregressive model."""
+  from md4 import export  # pylint: disable=g-import-not-at-top
+  if export.is_exported(path) or os.path.isdir(os.path.join(path, "checkpoints")):
+    return ModelJudge(path)
   if os.path.isfile(os.path.join(path, "config.json")):
     return GPT2Judge(path)
-  if os.path.isdir(os.path.join(path, "checkpoints")):
-    return ModelJudge(path)
   raise ValueError(f"--judge={path}: expected a Hugging Face GPT-2 directory (config.json, "
-                   "model.safetensors, vocab.json, merges.txt) or the workdir of an "
-                   "autoregressive model of this project (with checkpoints/)")
+                   "model.safetensors, vocab.json, merges.txt), or the workdir (with checkpoints/) "
+                   "or exported directory of an autoregressive model of this project")

@@ -27,7 +27,7 @@ from clu import metrics as clu_metrics
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from md4 import checks, elbo, generate, model, sharding
+from md4 import checks, elbo, export, generate, model, paths, sharding, standalone
 from md4.checkpoint import Checkpointer, Restored
 from md4.config import Config
 from md4.data import pipeline
@@ -281,6 +281,9 @@ def train(cfg: Config, workdir: str, *, dataset: Dataset | None = None,
   each step: train, check, save (if due), then the hooks (eval, samples), so a failing hook loses
   nothing: its step is saved before the error is raised. Nothing non-finite is ever saved.
   """
+  workdir = paths.resolve(workdir)
+  if export.is_exported(workdir):
+    raise ValueError(f"{workdir} is a model written by md4 export; train into another --workdir")
   dataset = pipeline.load(cfg.data) if dataset is None else dataset
   setup = make_setup(cfg, dataset.spec, mesh)
   with _hold_workdir(workdir) as lock:
@@ -339,7 +342,10 @@ def _resume(checkpointer: Checkpointer, setup: Setup, abstract: TrainState, writ
 def _train(setup: Setup, dataset: Dataset, workdir: str, lock: WorkdirLock | None,
            checkpoint_step: int | None) -> TrainResult:
   cfg, tcfg = setup.cfg, setup.cfg.train
-  checkpointer = Checkpointer(workdir, cfg)
+  # The model's data and decoding (its tokenizer's files copied into the workdir by process 0),
+  # recorded with every checkpoint so that the checkpoint needs no dataset to be used.
+  description = standalone.describe_dataset(dataset, workdir, write=jax.process_index() == 0)
+  checkpointer = Checkpointer(workdir, cfg, description=description)
   writer = MetricWriter(workdir)
   data_iter = dataset.train_iterator(tcfg.batch_size, tcfg.seed, jax.process_index(),
                                      jax.process_count(), cfg.data.num_workers)
@@ -378,6 +384,7 @@ def _train(setup: Setup, dataset: Dataset, workdir: str, lock: WorkdirLock | Non
 
   metrics_class = TrainMetricsWithGradNorm if tcfg.log_grad_norm else TrainMetrics
   collected, pending, last_log = None, None, (start, time.perf_counter())
+  last_samples = None  # The judgement of the last step's samples (generate.sample_report), if any.
   preempted = False
   # The bar is closed before any error propagates, so the message is printed on its own line; the
   # stream's worker processes stop with the loop, not when the iterator is garbage collected.
@@ -430,7 +437,9 @@ def _train(setup: Setup, dataset: Dataset, workdir: str, lock: WorkdirLock | Non
                                                   workdir, done)))
       for name, hook in hooks:
         try:
-          hook()
+          judged = hook()
+          if name == "sample" and done == tcfg.num_steps:
+            last_samples = judged
         except Exception as e:
           if saved != done:
             save(done, metrics["loss"])
@@ -444,7 +453,7 @@ def _train(setup: Setup, dataset: Dataset, workdir: str, lock: WorkdirLock | Non
   with _storage_errors(checkpointer):
     result = evaluator(inference_params(state, cfg, "eval"), dataset)
     writer.write(int(state.step), result.metrics())
-  _report(result, dataset, cfg)
+  _report(result, dataset, cfg, last_samples)
   return TrainResult(state, result, False)
 
 
@@ -485,18 +494,26 @@ def _periodic_eval(evaluator, state, dataset, cfg, writer, step) -> None:
   _log(f"step {step}: eval {result.summary()}")
 
 
-def _write_samples(sampler, state, dataset, cfg, workdir, step) -> None:
+def _write_samples(sampler, state, dataset, cfg, workdir, step) -> str | None:
+  """Draws and writes the step's samples; returns the line judging them, if a judge applies
+  (generate.sample_report)."""
   rng = jax.random.fold_in(stream_key(cfg.train.seed, "sample_hook"), step)
   drawn = generate.draw(sampler, inference_params(state, cfg, "sample"), rng, dataset, cfg,
                         os.path.join(workdir, "samples", f"step_{step}"))
-  if drawn.path is not None:
-    first = dataset.decode(drawn.samples[0]) if dataset.spec.kind == "text" else None
-    _log(f"step {step}: samples written to {drawn.path}" + (f"\n  {first[:200]!r}" if first else ""))
+  if drawn.path is None:
+    return None
+  first = dataset.decode(drawn.samples[0]) if dataset.spec.kind == "text" else None
+  _log(f"step {step}: samples written to {drawn.path}" + (f"\n  {first[:200]!r}" if first else ""))
+  return generate.sample_report(dataset, drawn.samples)
 
 
-def _report(result: EvalResult, dataset: Dataset, cfg: Config) -> None:
+def _report(result: EvalResult, dataset: Dataset, cfg: Config, samples: str | None) -> None:
+  """The final evaluation, the dataset's reference number and, if the last step's samples were
+  judged, that judgement."""
   line = f"eval ({cfg.eval.split}): {result.summary()}"
   baseline = dataset.baseline()
   if baseline is not None:
     line += f"\n  reference: {baseline[0]:.4f} bits/{result.unit}, the {baseline[1]}"
+  if samples is not None:
+    line += f"\n  samples of step {cfg.train.num_steps}: {samples}"
   _log(line)

@@ -10,6 +10,7 @@ released layout, `md4 convert`, `md4 eval`.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -18,9 +19,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+import PIL.Image
 import pytest
 
 import released_reference as ref
+import tiny_bpe
 from md4 import config as config_lib
 from md4 import checkpoint, convert, model, train
 from md4.data import pipeline
@@ -264,3 +267,116 @@ def test_convert_checkpoint_names_a_config_that_does_not_fit(released_run, tmp_p
   with pytest.raises(ValueError, match="TransformerBlock_1.*lacks|lacks.*TransformerBlock_1"):
     convert.convert_checkpoint(str(root), cfg, pipeline.get_spec(cfg.data), str(tmp_path / "w"))
   assert not os.path.exists(tmp_path / "w" / "checkpoints" / "200")
+
+
+# ------------------------------------------------------------- the sharded trainer, relative paths
+
+def _sharded_layout(flat):
+  """The released tree as md4/sharded_train.py's model boxes it: the kernels and embeddings its
+  sharded transformer makes with nn.with_logical_partitioning (attention, feed-forward, token
+  embedding, output projection) wrapped in flax's LogicallyPartitioned; the rest plain."""
+  import flax.linen as nn
+  names = {"wq": ("embed", "qkv"), "wk": ("embed", "qkv"), "wv": ("embed", "qkv"),
+           "wo": ("qkv", "embed"), "w1": ("embed", "mlp"), "w2": ("mlp", "embed"),
+           "w3": ("embed", "mlp")}
+  last_dense = max(p for p in flat if p.startswith(f"{ref.T}/Dense_")).rsplit("/", 1)[0]
+  boxed = {}
+  for path, value in flat.items():
+    module = path.split("/")[-2]
+    if path.endswith("/kernel") and module in names:
+      value = nn.LogicallyPartitioned(value, names[module])
+    elif path == f"{ref.T}/Embed_0/embedding":
+      value = nn.LogicallyPartitioned(value, ("embed_vocab", "embed"))
+    elif path == f"{last_dense}/kernel":
+      value = nn.LogicallyPartitioned(value, ("embed", "output_vocab"))
+    boxed[path] = value
+  return ref.nest(boxed)
+
+
+def test_a_sharded_trainer_checkpoint_converts_from_a_relative_path(tmp_path):
+  params, ema = ref.random_tree(TINY_TREE, 5), ref.random_tree(TINY_TREE, 6)
+  state = {"rng": np.array([0, 7], np.uint32), "step": 7, "params": _sharded_layout(params),
+           "ema_params": _sharded_layout(ema), "state": {},
+           "opt_state": [{"count": np.int32(7), "mu": _sharded_layout(params)}]}
+  ocp.PyTreeCheckpointer().save(str(tmp_path / "sharded_run" / "checkpoints" / "7" / "train_state"),
+                                state)
+  saved = ocp.PyTreeCheckpointer().metadata(
+      str(tmp_path / "sharded_run/checkpoints/7/train_state")).item_metadata.tree
+  wq = saved["params"]["classifier"]["Transformer_0"]["TransformerBlock_0"]["attention"]["wq"]
+  assert list(wq["kernel"]) == ["value"]  # The layout this test is about: boxes saved as "value".
+
+  done = _md4("convert", "--from_reference=sharded_run", "--workdir=converted", *TINY_OVERRIDES,
+              cwd=tmp_path)
+  assert done.returncode == 0, done.stderr[-3000:]
+  cfg = config_lib.from_configdict(_tiny_config())
+  spec = pipeline.get_spec(cfg.data)
+  restored = checkpoint.read_record(str(tmp_path / "converted"))
+  assert restored.step == 7 and restored.description.spec == spec
+  from md4 import inference
+  state = inference.load(cfg, inference.open_model(str(tmp_path / "converted"))).state
+  for ours, released in ((state.params, params), (state.ema_params, ema)):
+    expected = convert.convert_params(ref.nest(released), cfg, spec)
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, ours), expected)
+
+
+# -------------------------------------------- each released network, a new size, no dataset at all
+
+# name: (config file, overrides, released tree, sampled file's checker)
+NEW_SIZES = {
+    "text8": ("configs/md4/text8.py",
+              ["--config.model.net.num_layers=2", "--config.model.net.num_heads=2",
+               "--config.model.net.d_model=16", "--config.model.net.cond_dim=8",
+               "--config.model.net.embed_dim=8", "--config.data.seq_length=32"],
+              ref.transformer_tree(27, 8, 2, 2, outside_embed=True)),
+    "openwebtext": ("configs/md4/openwebtext.py",  # A vocabulary of the tokenizer's, not GPT-2's.
+                    ["--config.model.net.num_layers=1", "--config.model.net.num_heads=5",
+                     "--config.model.net.d_model=40", "--config.model.net.cond_dim=8",
+                     "--config.model.vocab_size=261", "--config.data.seq_length=16"],
+                    ref.transformer_tree(261, 8, 5, 1, outside_embed=False)),
+    "cifar10": ("configs/md4/cifar10.py",  # 8 x 8 x 3 pixels of 16 levels.
+                ["--config.model.net.features=32", "--config.model.net.num_res_blocks=1",
+                 "--config.data.image_size=8", "--config.data.levels=16",
+                 "--config.model.vocab_size=16"],
+                ref.unet_tree(32, 1, vocab=16)),
+    "imagenet64": ("configs/md4/imagenet64.py",  # The U-ViT on 16 x 16 images.
+                   ["--config.model.net.features=32", "--config.model.net.num_res_blocks=1",
+                    "--config.model.net.num_layers=1", "--config.model.net.num_heads=2",
+                    "--config.model.net.d_model=32", "--config.data.image_size=16"],
+                   ref.uvit_tree(32, 1, 1, 32, image=16)),
+}
+# Two networks run by default; the others, which cost as much again, run with -m slow.
+NEW_SIZE_CASES = [pytest.param(n, marks=[pytest.mark.slow] if n in ("text8", "imagenet64") else [])
+                  for n in NEW_SIZES]
+
+
+@pytest.mark.parametrize("name", NEW_SIZE_CASES)
+def test_a_released_network_of_another_size_converts_with_overrides_and_samples_without_data(
+    name, tmp_path):
+  config, overrides, shapes = NEW_SIZES[name]
+  _write_released_checkpoint(str(tmp_path / "released"), 50, ref.random_tree(shapes, 1),
+                             ref.random_tree(shapes, 2))
+  extra = []
+  if name == "openwebtext":
+    extra = [f"--tokenizer={tiny_bpe.write(str(tmp_path / 'bpe'))}"]
+  done = _md4("convert", "--from_reference=released", "--workdir=converted", f"--config={config}",
+              *overrides, *extra, cwd=tmp_path)
+  assert done.returncode == 0, done.stderr[-3000:]
+  if name == "openwebtext":
+    shutil.rmtree(tmp_path / "bpe")  # The converted workdir keeps its own copy.
+  elsewhere = tmp_path / "elsewhere"
+  elsewhere.mkdir()
+  sampled = _md4("sample", "--workdir=../converted", "--output=s", "--config.sample.num_steps=4",
+                 "--config.sample.num_samples=2", cwd=elsewhere)
+  assert sampled.returncode == 0, sampled.stderr[-3000:]
+  if name == "text8":
+    lines = (elsewhere / "s.txt").read_text().splitlines()
+    alphabet = set("abcdefghijklmnopqrstuvwxyz ")
+    assert len(lines) == 2 and all(len(line) == 32 and set(line) <= alphabet for line in lines)
+  elif name == "openwebtext":  # Each sample printed as the repr of its text, decoded by the copy.
+    assert len(sampled.stdout.splitlines()) == 3
+  else:
+    side = 8 if name == "cifar10" else 16
+    grid = np.asarray(PIL.Image.open(elsewhere / "s.png"))
+    # Two images side by side with 1-pixel gaps, scaled up to at least 448 pixels high.
+    k = -(-448 // (side + 2))
+    assert grid.shape == (k * (side + 2), k * (2 * side + 3), 3)

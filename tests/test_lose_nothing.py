@@ -174,7 +174,9 @@ def test_eval_of_a_missing_workdir_is_one_line(tmp_path):
   assert out.returncode == 1
   assert out.stderr.strip() == (f"md4 eval: error: no checkpoint in {tmp_path}/nonexistent/"
                                 f"checkpoints: {tmp_path}/nonexistent holds no run (train first: "
-                                f"md4 train --workdir={tmp_path}/nonexistent)"), out.stderr
+                                f"md4 train --workdir={tmp_path}/nonexistent) and no exported "
+                                "model (md4 export writes config.json and model.safetensors)"
+                                ), out.stderr
 
 
 def test_a_failing_hook_leaves_its_step_saved_and_a_rerun_resumes(tmp_path, monkeypatch):
