@@ -234,8 +234,8 @@ def test_imagenet64_resized_without_manual_dir_names_the_files(tmp_path):
 @pytest.mark.parametrize("make", [lambda d: images.prepare_images("mnist", d),
                                   lambda d: images.TfdsImages("mnist", d)])
 def test_unknown_name_lists_the_valid_ones(make, tmp_path):
-  with pytest.raises(ValueError, match="unknown image dataset 'mnist'; valid: cifar10, imagenet64, "
-                     "imagenet64_resized"):
+  with pytest.raises(ValueError, match="unknown image dataset 'mnist'; valid: cifar10, imagenet32, "
+                     "imagenet64, imagenet64_resized"):
     make(str(tmp_path))
 
 

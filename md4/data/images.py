@@ -54,15 +54,6 @@ SOURCES: dict[str, ImageSource] = {
     "cifar10": ImageSource("cifar10", (32, 32, 3), 10, {"test": "test", "valid": "test"}),
     # The validation images are the test set of the generative-modelling literature (the paper's
     # bits/dim on ImageNet 64x64 are on them), so both "test" and "valid" read them.
-    "imagenet64": ImageSource(
-        "downsampled_imagenet/64x64", (64, 64, 3), 0,
-        {"test": "validation", "valid": "validation"},
-        manual_files=_IMAGENET64_TARS,
-        manual_instructions=(
-            "download train_64x64.tar (12.1 GB) and valid_64x64.tar (477 MB), the downsampled "
-            "ImageNet 64x64 of van den Oord et al. (2016) that tfds registers at "
-            "http://image-net.org/small/ with their sha256, into one folder and pass it as "
-            "manual_dir")),
     "imagenet32": ImageSource(
         "downsampled_imagenet/32x32", (32, 32, 3), 0,
         {"test": "validation", "valid": "validation"},
@@ -70,6 +61,15 @@ SOURCES: dict[str, ImageSource] = {
         manual_instructions=(
             "download train_32x32.tar (4.1 GB) and valid_32x32.tar (161 MB), the downsampled "
             "ImageNet 32x32 of van den Oord et al. (2016) that tfds registers at "
+            "http://image-net.org/small/ with their sha256, into one folder and pass it as "
+            "manual_dir")),
+    "imagenet64": ImageSource(
+        "downsampled_imagenet/64x64", (64, 64, 3), 0,
+        {"test": "validation", "valid": "validation"},
+        manual_files=_IMAGENET64_TARS,
+        manual_instructions=(
+            "download train_64x64.tar (12.1 GB) and valid_64x64.tar (477 MB), the downsampled "
+            "ImageNet 64x64 of van den Oord et al. (2016) that tfds registers at "
             "http://image-net.org/small/ with their sha256, into one folder and pass it as "
             "manual_dir")),
     # Not the paper's data: another resize, made for classification (bits/dim not comparable).

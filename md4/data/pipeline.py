@@ -87,18 +87,19 @@ class ImageSet(Dataset):
   training image r.
 
   train, test: (uint8[N, H, W, C] images, labels[N]) as the dataset has them; fmt: the model's
-  format (md4.data.pixels), applied as the images are read. origin: where the images come from, as
-  `describe_example` names it.
+  format (md4.data.pixels; default the images' own, 256 levels), applied as the images are read.
+  origin: where the images come from, as `describe_example` names it.
   """
 
   def __init__(self, train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray],
-               num_classes: int, name: str, origin: str, fmt: pixels.ImageFormat):
+               num_classes: int, name: str, origin: str, fmt: pixels.ImageFormat | None = None):
     self.train_images, self.train_labels = train
     self.test_images, self.test_labels = test
     self.name = name
     self.origin = origin
-    self.format = fmt
-    self.spec = DatasetSpec(fmt.levels, fmt.shape, "image", "dim", num_classes)
+    height, _, channels = self.train_images.shape[1:]
+    self.format = fmt or pixels.ImageFormat(height, channels, pixels.MAX_LEVELS)
+    self.spec = DatasetSpec(self.format.levels, self.format.shape, "image", "dim", num_classes)
 
   def num_train_records(self):
     return len(self.train_images)
