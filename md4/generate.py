@@ -120,6 +120,7 @@ class Sampler:
 
 class Drawn(NamedTuple):
   samples: np.ndarray  # int32[N, *S]
+  labels: np.ndarray | None  # int32[N]: the classes asked for (class-conditional models).
   num_calls: int  # Network calls made.
   path: str | None  # The file written (process 0), None elsewhere.
 
@@ -140,7 +141,7 @@ def draw(sampler: Sampler, params, rng: jax.Array, dataset: Decodes, cfg: Config
   result = sampler(params, rng, init, labels)
   samples = np.asarray(result.samples)
   path = write_samples(dataset, samples, path_stem) if jax.process_index() == 0 else None
-  return Drawn(samples, int(result.num_calls), path)
+  return Drawn(samples, labels, int(result.num_calls), path)
 
 
 def unconditional_init(spec: DatasetSpec, num_samples: int, mask_id: int,
@@ -191,10 +192,11 @@ def write_samples(dataset: Decodes, samples: np.ndarray, path_stem: str) -> str:
   return path
 
 
-def sample_report(dataset: Decodes, samples: np.ndarray) -> str | None:
+def sample_report(dataset: Decodes, samples: np.ndarray,
+                  labels: np.ndarray | None = None) -> str | None:
   """A line judging image samples where a judge of them exists (the MNIST digits: md4.digits),
-  else None."""
+  else None; labels: the classes a class-conditional model was asked for."""
   if dataset.name != "mnist" or dataset.spec.kind != "image":
     return None
   from md4 import digits  # pylint: disable=g-import-not-at-top
-  return digits.judge(np.asarray(samples), dataset.spec).line()
+  return digits.judge(np.asarray(samples), dataset.spec, labels).line()

@@ -503,8 +503,10 @@ def _write_samples(sampler, state, dataset, cfg, workdir, step) -> str | None:
   if drawn.path is None:
     return None
   first = dataset.decode(drawn.samples[0]) if dataset.spec.kind == "text" else None
-  _log(f"step {step}: samples written to {drawn.path}" + (f"\n  {first[:200]!r}" if first else ""))
-  return generate.sample_report(dataset, drawn.samples)
+  report = generate.sample_report(dataset, drawn.samples, drawn.labels)
+  _log(f"step {step}: samples written to {drawn.path}" + (f"\n  {first[:200]!r}" if first else "")
+       + (f"\n  {report}" if report else ""))
+  return report
 
 
 def _report(result: EvalResult, dataset: Dataset, cfg: Config, samples: str | None) -> None:

@@ -91,7 +91,7 @@ def run(cfg: Config, model_dir: inference.ModelDir, request: Request) -> None:
   if spec.kind == "text":
     for s in drawn.samples:
       print(repr(decoder.decode(s)))
-  report = generate.sample_report(decoder, drawn.samples)
+  report = generate.sample_report(decoder, drawn.samples, drawn.labels)
   if report:
     print(report)
   if judge is not None:

@@ -67,6 +67,11 @@ def _mnist() -> Mnist:
     return Mnist(images=_read_only(npz["images"]), labels=_read_only(npz["labels"]))
 
 
+def mnist_file_bytes() -> bytes:
+  """The embedded digits' file as stored (what a cache of something derived from them keys on)."""
+  return _read_resource(MNIST_FILE)
+
+
 def load_shakespeare() -> text8.Text8Splits:
   """The Shakespeare corpus as text8 ids, split like text8.
 
