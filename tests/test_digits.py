@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import PIL.Image
 import pytest
 
 from md4 import digits
@@ -105,3 +106,51 @@ def test_a_conditional_model_is_judged_on_the_digits_it_was_asked_for(cache_home
   wrong = digits.judge(real, spec, (labels + 1) % 10)
   assert wrong.asked_share < 0.05  # Asked for another digit: confident and right only by error.
   assert "as the digit asked for" in right.line()
+
+
+# ------------------------------------------------------------------------------- the pixel demo
+
+def _train_demo(tmp_path, *overrides):
+  import subprocess
+  import sys
+  env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"))
+  return subprocess.run([sys.executable, "-m", "md4.main", "train", "--config=configs/mnist_demo.py",
+                         "--config.train.progress_bar=False", *overrides], cwd=tmp_path,
+                        capture_output=True, text=True, timeout=1800, env=env)
+
+
+def _shares(line):
+  """(samples', asked-for, real digits') percentages from the line the trainer prints."""
+  import re
+  match = re.search(r"(\d+)% of (\d+) classified as a digit with confidence >= 0.9 by a digit "
+                    r"classifier, (\d+)% as the digit asked for \(held-out real digits: (\d+)% of "
+                    r"500; its accuracy on them ([\d.]+)%\)", line)
+  assert match, line
+  return int(match[1]), int(match[3]), int(match[4])
+
+
+def test_the_pixel_demo_prints_the_digit_share_beside_the_bound(tmp_path):
+  done = _train_demo(tmp_path, "--config.train.num_steps=4", "--config.train.sample_every=4",
+                     "--config.sample.num_samples=4", "--config.sample.num_steps=4",
+                     "--config.eval.max_examples=100")
+  assert done.returncode == 0, done.stderr[-3000:]
+  lines = done.stdout.splitlines()
+  bound = next(i for i, line in enumerate(lines) if line.startswith("eval (valid): "))
+  assert lines[bound + 1].startswith("  reference: ")
+  assert lines[bound + 2].startswith("  samples of step 4: ")
+  _, _, real = _shares(lines[bound + 2])
+  assert 50 <= real <= 80  # The 14 x 14 binarised held-out digits: measured 63%.
+  grid = PIL.Image.open(tmp_path / "runs" / "mnist_demo" / "samples" / "step_4.png")
+  assert min(grid.size) >= 448
+
+
+@pytest.mark.slow
+def test_the_pixel_demo_s_samples_are_digits(tmp_path):
+  """The demo as shipped (minutes on 2 CPU cores): most samples are the digit they were asked for."""
+  done = _train_demo(tmp_path)
+  assert done.returncode == 0, done.stderr[-3000:]
+  line = next(line for line in done.stdout.splitlines() if line.startswith("  samples of step"))
+  samples, asked, real = _shares(line)
+  assert asked >= 35 and samples >= 0.6 * real  # Measured: 49% and 49%, against 63% real.
+  grid = PIL.Image.open(tmp_path / "runs" / "mnist_demo" / "samples" / "step_3000.png")
+  assert grid.size == (453, 453)  # 10 x 10 digits of 14 pixels, 1-pixel gaps, scaled by 3.
