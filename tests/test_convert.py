@@ -344,8 +344,10 @@ NEW_SIZES = {
                     "--config.model.net.d_model=32", "--config.data.image_size=16"],
                    ref.uvit_tree(32, 1, 1, 32, image=16)),
 }
-# Two networks run by default; the others, which cost as much again, run with -m slow.
-NEW_SIZE_CASES = [pytest.param(n, marks=[pytest.mark.slow] if n in ("text8", "imagenet64") else [])
+# The OpenWebText case (a vocabulary from the config, a tokenizer kept by the workdir) runs by
+# default; the others, ~10-20 s each on 2 CPU cores, run with -m slow (their conversions at other
+# shapes are checked in-process by test_image_shapes.py and the tests above).
+NEW_SIZE_CASES = [pytest.param(n, marks=[] if n == "openwebtext" else [pytest.mark.slow])
                   for n in NEW_SIZES]
 
 
