@@ -186,8 +186,14 @@ def main(argv):
     if command not in SINGLE_PROCESS:
       # Several processes (flags, SLURM, a TPU slice): join them before anything touches a device.
       distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    # With --config, what a command's flags ask is checked before any model is opened.
+    cfg = None if _reads_model(command) and not flags.FLAGS["config"].present else _config(None)
+    if cfg is not None:
+      _check_request(command, cfg)
     model_dir = _model_dir(command, workdir)
-    cfg = _config(model_dir)
+    if cfg is None:
+      cfg = _config(model_dir)
+      _check_request(command, cfg)
     _check(cfg, model_dir)
     _run_command(command, cfg, workdir, model_dir)
   except (ValueError, FloatingPointError) as e:  # md4's own messages: complete in one line.
@@ -207,15 +213,37 @@ def _exit(command: str, message: str, error: BaseException) -> None:
   sys.exit(f"md4 {command}: error: {message}")
 
 
-def _model_dir(command: str, workdir: str):
-  """The model a command reads (md4.inference.ModelDir), or None for one that reads none (eval
-  --model scores a Hugging Face GPT-2 instead)."""
+def _reads_model(command: str) -> bool:
+  """Whether the command reads a model from --workdir (eval --model scores a Hugging Face GPT-2
+  instead; info reads one only when given --workdir)."""
   if command == "eval" and _MODEL.value:
+    return False
+  return command in READS_MODEL or (command == "info" and _WORKDIR.present)
+
+
+def _model_dir(command: str, workdir: str):
+  """The model a command reads (md4.inference.ModelDir), or None for one that reads none."""
+  if not _reads_model(command):
     return None
-  if command in READS_MODEL or (command == "info" and _WORKDIR.present):
-    from md4 import inference
-    return inference.open_model(workdir, _STEP.value)
-  return None
+  from md4 import inference
+  return inference.open_model(workdir, _STEP.value)
+
+
+def _sample_request():
+  from md4 import paths
+  from md4.commands import sample
+  return sample.Request(
+      prompt=_PROMPT.value, infill=_INFILL.value, length=_LENGTH.value, window=_WINDOW.value,
+      output=paths.resolve_optional(_OUTPUT.value), judge=paths.resolve_optional(_JUDGE.value),
+      judge_protocol=_JUDGE_PROTOCOL.value, sweep_steps=tuple(_SWEEP_STEPS.value or ()),
+      sweep_methods=tuple(_SWEEP_METHODS.value or ()), sweep_grids=tuple(_SWEEP_GRIDS.value or ()))
+
+
+def _check_request(command: str, cfg) -> None:
+  """What the command's own flags ask, against the config, before anything is loaded."""
+  if command == "sample":
+    from md4.commands import sample
+    sample.check(cfg, _sample_request())
 
 
 def _config(model_dir):
@@ -259,12 +287,7 @@ def _run_command(command, cfg, workdir, model_dir) -> None:
     else:
       evaluate.run(cfg, model_dir, _SPLIT.value)
   elif command == "sample":
-    sample.run(cfg, model_dir, sample.Request(
-        prompt=_PROMPT.value, infill=_INFILL.value, length=_LENGTH.value, window=_WINDOW.value,
-        output=paths.resolve_optional(_OUTPUT.value), judge=paths.resolve_optional(_JUDGE.value),
-        judge_protocol=_JUDGE_PROTOCOL.value, sweep_steps=tuple(_SWEEP_STEPS.value or ()),
-        sweep_methods=tuple(_SWEEP_METHODS.value or ()),
-        sweep_grids=tuple(_SWEEP_GRIDS.value or ())))
+    sample.run(cfg, model_dir, _sample_request())
   elif command == "info":
     given = model_dir is None or flags.FLAGS["config"].present
     models.info(cfg, _config_spec() if given else f"the one recorded in {model_dir.path}",

@@ -28,7 +28,7 @@ class Request:
   sweep_grids: tuple[str, ...] = ()
 
 
-def _check(cfg: Config, request: Request) -> list[int]:
+def check(cfg: Config, request: Request) -> list[int]:
   """The request's combinations checked before anything is loaded; returns the sweep's steps."""
   if cfg.model.objective != "diffusion":
     raise ValueError(f"md4 sample draws from diffusion models; this one is "
@@ -59,7 +59,7 @@ def _check(cfg: Config, request: Request) -> list[int]:
 
 def run(cfg: Config, model_dir: inference.ModelDir, request: Request) -> None:
   from md4.state import inference_params, stream_key
-  sweep_steps = _check(cfg, request)
+  sweep_steps = check(cfg, request)
   judge = _load_judge(request.judge)
   loaded = inference.load(cfg, model_dir)
   decoder = loaded.decoder
