@@ -496,7 +496,8 @@ def _periodic_eval(evaluator, state, dataset, cfg, writer, step) -> None:
 
 def _write_samples(sampler, state, dataset, cfg, workdir, step) -> str | None:
   """Draws and writes the step's samples; returns the line judging them, if a judge applies
-  (generate.sample_report)."""
+  (generate.sample_report), which is logged here except at the last step (the final report
+  prints it beside the bound)."""
   rng = jax.random.fold_in(stream_key(cfg.train.seed, "sample_hook"), step)
   drawn = generate.draw(sampler, inference_params(state, cfg, "sample"), rng, dataset, cfg,
                         os.path.join(workdir, "samples", f"step_{step}"))
@@ -504,8 +505,9 @@ def _write_samples(sampler, state, dataset, cfg, workdir, step) -> str | None:
     return None
   first = dataset.decode(drawn.samples[0]) if dataset.spec.kind == "text" else None
   report = generate.sample_report(dataset, drawn.samples, drawn.labels)
+  later = report if report and step != cfg.train.num_steps else None
   _log(f"step {step}: samples written to {drawn.path}" + (f"\n  {first[:200]!r}" if first else "")
-       + (f"\n  {report}" if report else ""))
+       + (f"\n  {later}" if later else ""))
   return report
 
 
