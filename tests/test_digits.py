@@ -151,6 +151,6 @@ def test_the_pixel_demo_s_samples_are_digits(tmp_path):
   assert done.returncode == 0, done.stderr[-3000:]
   line = next(line for line in done.stdout.splitlines() if line.startswith("  samples of step"))
   samples, asked, real = _shares(line)
-  assert asked >= 35 and samples >= 0.6 * real  # Measured: 49% and 49%, against 63% real.
+  assert asked >= 40 and samples >= 0.6 * real  # Measured: 57% and 57%, against 63% real.
   grid = PIL.Image.open(tmp_path / "runs" / "mnist_demo" / "samples" / "step_3000.png")
   assert grid.size == (453, 453)  # 10 x 10 digits of 14 pixels, 1-pixel gaps, scaled by 3.
