@@ -13,6 +13,7 @@ from md4 import model, sampling, schedules
 from md4.config import Config
 from md4.data import pipeline
 from md4.data.pipeline import DatasetSpec
+from md4.samplers import grid
 
 
 def check_config(cfg: Config, spec: DatasetSpec | None = None, *, num_devices: int = 1,
@@ -27,7 +28,7 @@ def check_config(cfg: Config, spec: DatasetSpec | None = None, *, num_devices: i
   if not m.state_dependent:
     schedules.get_schedule(m.schedule, eps=m.eps)
   for key, value, valid in (("sample.method", s.method, sampling.METHODS),
-                            ("sample.time_grid", s.time_grid, sampling.TIME_GRIDS)):
+                            ("sample.time_grid", s.time_grid, grid.TIME_GRIDS)):
     if value not in valid:
       raise ValueError(f"{key}={value!r} is invalid; valid: {', '.join(valid)}")
   if s.method in sampling.STATE_INDEPENDENT_ONLY and m.state_dependent:

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from md4 import checks, model, readout, sampling
+from md4 import checks, long_generation, model, readout, samplers, sampling
 from md4.config import Config
 from md4.data import text8
 from md4.data.base import Decodes, DatasetSpec
@@ -72,7 +72,7 @@ class Sampler:
 
   def __init__(self, network: nn.Module, cfg: Config, *, window: int | None = None):
     """window: None samples init's shape whole; an int samples text of any length in blocks
-    (sampling.sample_blocks) of the model's sequence length, each seeing the `window` tokens
+    (long_generation.sample_blocks) of the model's sequence length, each seeing the `window` tokens
     before it."""
     checks.check_guidance(cfg)
     self.cfg = cfg
@@ -99,8 +99,8 @@ class Sampler:
     schedule = model.make_schedule(cfg.model, params)
     if window is None:
       return sampling.sample_with_info(denoise_fn, rng, init, schedule, **options)
-    return sampling.sample_blocks(denoise_fn, rng, init, schedule, seq_length=cfg.data.seq_length,
-                                  window=window, **options)
+    return long_generation.sample_blocks(denoise_fn, rng, init, schedule,
+                                         seq_length=cfg.data.seq_length, window=window, **options)
 
   @staticmethod
   def _args(params, rng, init, labels):
@@ -108,7 +108,7 @@ class Sampler:
             None if labels is None else jnp.asarray(labels, jnp.int32))
 
   def __call__(self, params, rng: jax.Array, init: np.ndarray,
-               labels: np.ndarray | None = None) -> sampling.SampleResult:
+               labels: np.ndarray | None = None) -> samplers.SampleResult:
     return self._run(*self._args(params, rng, init, labels))
 
   def compile(self, params, rng: jax.Array, init: np.ndarray, labels: np.ndarray | None = None):

@@ -20,7 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from md4 import autoregressive, elbo, networks, readout, sampling, schedules
+from md4 import autoregressive, elbo, guidance, networks, readout, schedules
 from md4.config import Config, ModelConfig
 from md4.data.pipeline import DatasetSpec
 from md4.networks import transformer
@@ -138,8 +138,8 @@ def denoiser(network: nn.Module, params: Params, cond: jax.Array | None = None, 
 def guided_denoiser(network: nn.Module, params: Params, cond: jax.Array, *, null: int,
                     scale: float) -> readout.SplitDenoiser:
   """Classifier-free guidance: denoise_fn(z: int32[B, *S], t: float32[B]) -> float32[B, *S, V]
-  log-probabilities of p_u^(1 - scale) p_c^scale, renormalised (sampling.guided_logits), where p_c is
-  the network given the labels cond: int32[B] and p_u given the null class `null` ("no class").
+  log-probabilities of p_u^(1 - scale) p_c^scale, renormalised (guidance.guided_logits), where p_c
+  is the network given the labels cond: int32[B] and p_u given the null class `null` ("no class").
 
   Both come from one network call on the doubled batch [z; z] with labels [cond; null], so a
   sampler's num_calls counts each guided call once (a call of twice the batch). Split as `denoiser`
@@ -153,7 +153,7 @@ def guided_denoiser(network: nn.Module, params: Params, cond: jax.Array, *, null
   def logits(h, positions):
     doubled = None if positions is None else jnp.concatenate([positions, positions])
     logits_c, logits_u = jnp.split(both.logits(h, doubled), 2)
-    return sampling.guided_logits(logits_c, logits_u, scale)
+    return guidance.guided_logits(logits_c, logits_u, scale)
 
   return readout.SplitDenoiser(features, logits)
 

@@ -26,6 +26,7 @@ import numpy as np
 from md4 import generate, judge as judge_lib, judge_protocols, sampling
 from md4.config import Config
 from md4.data.pipeline import Dataset
+from md4.samplers import grid as grid_lib
 
 # The samplers a sweep compares: sample.* settings under a name, none tuned here. remdm_loop takes
 # the settings of ReMDM's OpenWebText loop script (eta 0.02, t_on 0.55, t_off 0.05), but this
@@ -76,9 +77,9 @@ def run(network, cfg: Config, params, dataset: Dataset, judge: judge_lib.Judge,
   if unknown or not samplers:
     raise ValueError(f"--sweep_methods must name samplers among {', '.join(SAMPLERS)}, got "
                      f"{list(samplers)}")
-  unknown = [g for g in grids if g not in sampling.TIME_GRIDS]
+  unknown = [g for g in grids if g not in grid_lib.TIME_GRIDS]
   if unknown or not grids:
-    raise ValueError(f"--sweep_grids must name time grids among {sampling.TIME_GRIDS}, got "
+    raise ValueError(f"--sweep_grids must name time grids among {grid_lib.TIME_GRIDS}, got "
                      f"{list(grids)}")
   invalid = [m for m in samplers if m not in default_samplers(cfg)]
   if invalid:

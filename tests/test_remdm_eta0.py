@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from md4 import sampling, schedules
+from md4.samplers import grid as grid_lib, remdm
 
 V, L, B, STEPS = 5, 16, 64, 16
 T_ON, T_OFF = 0.55, 0.05
@@ -32,15 +33,15 @@ def _warped_ancestral(key, init, schedule, grid_kind):
   opts = sampling.check_options(False, num_steps=STEPS, method="remdm", remask_eta=0.0,
                                 remask_strategy="loop", remask_t_on=T_ON, remask_t_off=T_OFF,
                                 time_grid_kind=grid_kind)
-  tau = sampling._remdm_model_time(opts)  # pylint: disable=protected-access
-  grid = sampling.time_grid(STEPS, grid_kind)
+  tau = remdm._remdm_model_time(opts)  # pylint: disable=protected-access
+  grid = grid_lib.time_grid(STEPS, grid_kind)
   z = init
   for j in range(STEPS):
     t, s = grid[STEPS - j], grid[STEPS - j - 1]
     logp = jax.nn.log_softmax(denoise_fn(z, jnp.full((B,), tau(t))), axis=-1)
     a_t, a_s = schedule.alpha(tau(t)), schedule.alpha(tau(s))
     r = jnp.where(s == 0.0, 1.0, (a_s - a_t) / (1.0 - a_t))
-    step = sampling._reveal_step  # pylint: disable=protected-access
+    step = grid_lib.reveal_step
     z = step(jax.random.fold_in(key, j), z, logp, r, V)
   return z
 

@@ -18,6 +18,7 @@ from md4 import model, readout, sampling, schedules
 from md4.config import ModelConfig
 from md4.data import pipeline
 from md4.networks import build_network
+from md4.samplers import draws, grid as grid_lib
 from toy import make_toy, posterior_denoiser
 
 TOY = make_toy(length=3, vocab_size=3, seed=0)
@@ -94,7 +95,7 @@ def test_the_network_is_called_exactly_on_the_steps_that_reveal():
 def todays_grid_sampler(denoise_fn, key, init, schedule, num_steps, method, vocab_size):
   """The grid samplers as they were before reveal-first: every step calls the network, draws a
   token at every position and reveals with probability sum_v r mu_v."""
-  grid = sampling.time_grid(num_steps)
+  grid = grid_lib.time_grid(num_steps)
 
   def step(j, z):
     t, s = grid[num_steps - j], grid[num_steps - j - 1]
@@ -106,12 +107,12 @@ def todays_grid_sampler(denoise_fn, key, init, schedule, num_steps, method, voca
     r = jnp.where(s == 0.0, 1.0, r)
     k_unmask, k_token = jax.random.split(jax.random.fold_in(key, j))
     if method == "mean":
-      token = sampling.categorical(k_token, logp)
-      unmask = sampling.bernoulli(k_unmask, jnp.broadcast_to(r, z.shape))
+      token = draws.categorical(k_token, logp)
+      unmask = draws.bernoulli(k_unmask, jnp.broadcast_to(r, z.shape))
     else:
       r_v = jnp.broadcast_to(r, logp.shape[-1:])
-      token = sampling.categorical(k_token, logp + jnp.log(r_v))
-      unmask = sampling.bernoulli(k_unmask,
+      token = draws.categorical(k_token, logp + jnp.log(r_v))
+      unmask = draws.bernoulli(k_unmask,
                                   jnp.minimum((jnp.exp(logp) * r_v).sum(-1), 1.0))
     return jnp.where((z == vocab_size) & unmask, token, z)
 
@@ -121,7 +122,7 @@ def todays_grid_sampler(denoise_fn, key, init, schedule, num_steps, method, voca
 def test_grid_samplers_keep_todays_coins():
   """Which positions a step reveals comes from the same random numbers as before reveal-first: with
   a denoiser whose token is certain the samples are bitwise today's. (The tokens themselves now come
-  from per-position keys, sampling.draw_tokens, so with an uncertain denoiser they differ.)"""
+  from per-position keys, draws.draw_tokens, so with an uncertain denoiser they differ.)"""
   length, vocab, steps = 12, 14, 30
   init = jnp.full((16, length), vocab, jnp.int32).at[:8, 3].set(0)  # Half the rows prompted.
   sched = schedules.get_schedule("linear")
@@ -148,12 +149,12 @@ def todays_first_hitting(denoise_fn, rng, init, schedule, vocab_size):
     k_time, k_pos, k_token = jax.random.split(jax.random.fold_in(rng, calls), 3)
     masked = z == vocab_size
     n = masked.sum(-1)
-    log_u = jnp.log(sampling.fine_uniform(k_time, (b,))[0])
+    log_u = jnp.log(draws.fine_uniform(k_time, (b,))[0])
     a_s = 1.0 - (1.0 - schedule.alpha(t)) * jnp.exp(log_u / jnp.maximum(n, 1))
     s = jnp.where(n > 0, schedule.inverse(a_s), t)
     logp = jax.nn.log_softmax(denoise_fn(z, s), axis=-1)
-    pos = sampling.categorical(k_pos, jnp.where(masked, 0.0, -jnp.inf))
-    token = sampling.categorical(k_token, jnp.take_along_axis(logp, pos[:, None, None], 1)[:, 0])
+    pos = draws.categorical(k_pos, jnp.where(masked, 0.0, -jnp.inf))
+    token = draws.categorical(k_token, jnp.take_along_axis(logp, pos[:, None, None], 1)[:, 0])
     current = jnp.take_along_axis(z, pos[:, None], axis=1)[:, 0]
     z = z.at[jnp.arange(b), pos].set(jnp.where(n > 0, token, current))
     return z, s, calls + 1

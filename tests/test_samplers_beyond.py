@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from md4 import readout, sampling, schedules
+from md4 import guidance, long_generation, readout, sampling, schedules
+from md4.samplers import grid as grid_lib
 from toy import make_toy, posterior_denoiser
 
 TOY = make_toy(length=3, vocab_size=3, seed=0)
@@ -95,8 +96,8 @@ def block_law(n, window, given=None):
 
 
 def run_blocks(key, init, window, method="first_hitting", num_steps=STEPS):
-  return sampling.sample_blocks(EXACT, key, init, LINEAR, vocab_size=V, seq_length=L,
-                                window=window, num_steps=num_steps, method=method)
+  return long_generation.sample_blocks(EXACT, key, init, LINEAR, vocab_size=V, seq_length=L,
+                                       window=window, num_steps=num_steps, method=method)
 
 
 def test_block_law_reference_is_a_distribution_that_differs_from_independent_blocks():
@@ -173,17 +174,18 @@ def test_ill_formed_block_arguments_raise_clear_errors():
   kw = dict(vocab_size=V, num_steps=10)
   with pytest.raises(ValueError,
                      match=r"window must be an int in \[0, seq_length - 1\] = \[0, 2\], got 3"):
-    sampling.sample_blocks(EXACT, key, init, LINEAR, seq_length=L, window=3, **kw)
+    long_generation.sample_blocks(EXACT, key, init, LINEAR, seq_length=L, window=3, **kw)
   with pytest.raises(ValueError, match="window must be an int.*got -1"):
-    sampling.sample_blocks(EXACT, key, init, LINEAR, seq_length=L, window=-1, **kw)
+    long_generation.sample_blocks(EXACT, key, init, LINEAR, seq_length=L, window=-1, **kw)
   with pytest.raises(ValueError, match="seq_length must be an int >= 1.*got 0"):
-    sampling.sample_blocks(EXACT, key, init, LINEAR, seq_length=0, window=0, **kw)
+    long_generation.sample_blocks(EXACT, key, init, LINEAR, seq_length=0, window=0, **kw)
   with pytest.raises(ValueError, match=r"init must be int32\[batch, N\] with N >= 1.*\(2, 5, 1\)"):
-    sampling.sample_blocks(EXACT, key, init[..., None], LINEAR, seq_length=L, window=1, **kw)
+    long_generation.sample_blocks(EXACT, key, init[..., None], LINEAR, seq_length=L, window=1, **kw)
   with pytest.raises(ValueError, match=r"init must be int32\[batch, N\] with N >= 1.*\(2, 0\)"):
-    sampling.sample_blocks(EXACT, key, init[:, :0], LINEAR, seq_length=L, window=1, **kw)
+    long_generation.sample_blocks(EXACT, key, init[:, :0], LINEAR, seq_length=L, window=1, **kw)
   with pytest.raises(ValueError, match="unknown sampling method 'gibbs'"):
-    sampling.sample_blocks(EXACT, key, init, LINEAR, seq_length=L, window=1, method="gibbs", **kw)
+    long_generation.sample_blocks(EXACT, key, init, LINEAR, seq_length=L, window=1, method="gibbs",
+                                  **kw)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -229,7 +231,7 @@ def test_maskgit_reveals_the_scheduled_count_each_step(schedule_name, grid, num_
   assert samples.max() < vocab  # No mask left.
   given = init != vocab
   np.testing.assert_array_equal(samples[given], init[given])
-  s = np.asarray(sampling.time_grid(num_steps, grid), np.float64)[::-1][1:]  # Each step's s.
+  s = np.asarray(grid_lib.time_grid(num_steps, grid), np.float64)[::-1][1:]  # Each step's s.
   alpha = lambda t: np.asarray(sched.alpha(jnp.asarray(t, jnp.float32)), np.float64)
   ratios = np.where(s == 0, 0.0, (1 - alpha(s)) / (1 - alpha(1.0)))
   for row in range(3):
@@ -456,9 +458,9 @@ def _random_logits(seed, shape=(4, 7, 5)):
 
 def test_guidance_scale_zero_is_unconditional_and_one_is_conditional():
   cond, uncond = _random_logits(0), _random_logits(1)
-  np.testing.assert_allclose(np.exp(sampling.guided_logits(cond, uncond, 0.0)),
+  np.testing.assert_allclose(np.exp(guidance.guided_logits(cond, uncond, 0.0)),
                              jax.nn.softmax(uncond), rtol=1e-5, atol=1e-7)
-  np.testing.assert_allclose(np.exp(sampling.guided_logits(cond, uncond, 1.0)),
+  np.testing.assert_allclose(np.exp(guidance.guided_logits(cond, uncond, 1.0)),
                              jax.nn.softmax(cond), rtol=1e-5, atol=1e-7)
 
 
@@ -468,7 +470,7 @@ def test_guidance_scale_two_is_the_renormalised_ratio_cond_squared_over_uncond()
   p_u = np.asarray(jax.nn.softmax(uncond), np.float64)
   expected = p_c**2 / p_u
   expected /= expected.sum(-1, keepdims=True)
-  np.testing.assert_allclose(np.exp(sampling.guided_logits(cond, uncond, 2.0)), expected,
+  np.testing.assert_allclose(np.exp(guidance.guided_logits(cond, uncond, 2.0)), expected,
                              rtol=1e-4, atol=1e-7)
 
 
@@ -476,14 +478,14 @@ def test_guidance_gives_zero_probability_where_either_model_does():
   cond = jnp.array([0.0, 1.0, -jnp.inf, 0.5])
   uncond = jnp.array([-jnp.inf, 0.0, 0.0, 0.5])
   for scale in (0.0, 1.0, 3.0):
-    probs = np.exp(np.asarray(sampling.guided_logits(cond, uncond, scale)))
+    probs = np.exp(np.asarray(guidance.guided_logits(cond, uncond, scale)))
     assert np.all(np.isfinite(probs)) and probs[0] == 0 and probs[2] == 0
     np.testing.assert_allclose(probs.sum(), 1.0, rtol=1e-6)
 
 
 def test_guided_denoiser_samples_the_guided_distribution():
   p_c, p_u = np.array([0.5, 0.3, 0.2]), np.array([0.2, 0.3, 0.5])
-  guided = sampling.guided_denoiser(_fixed_distribution(p_c), _fixed_distribution(p_u), 2.0)
+  guided = guidance.guided_denoiser(_fixed_distribution(p_c), _fixed_distribution(p_u), 2.0)
   expected = p_c**2 / p_u
   expected /= expected.sum()
   init = jnp.full((4000, 5), 3, jnp.int32)
@@ -492,7 +494,7 @@ def test_guided_denoiser_samples_the_guided_distribution():
                                        num_steps=10))
   assert pooled_chi2_pvalue(np.bincount(samples.ravel(), minlength=3), expected) > 1e-4
   # Guiding two split denoisers gives a split one, read out where revealed: the same samples.
-  split = sampling.guided_denoiser(readout.as_split(_fixed_distribution(p_c)),
+  split = guidance.guided_denoiser(readout.as_split(_fixed_distribution(p_c)),
                                    readout.as_split(_fixed_distribution(p_u)), 2.0)
   assert isinstance(split, readout.SplitDenoiser)
   np.testing.assert_array_equal(sampling.sample(split, jax.random.key(8), init, LINEAR,
@@ -502,6 +504,6 @@ def test_guided_denoiser_samples_the_guided_distribution():
 def test_ill_formed_guidance_arguments_raise_clear_errors():
   with pytest.raises(ValueError,
                      match=r"cond_logits has shape \(2, 3\) but uncond_logits has shape"):
-    sampling.guided_logits(jnp.zeros((2, 3)), jnp.zeros((2, 4)), 1.0)
+    guidance.guided_logits(jnp.zeros((2, 3)), jnp.zeros((2, 4)), 1.0)
   with pytest.raises(ValueError, match="scale must be a finite float, got nan"):
-    sampling.guided_denoiser(EXACT, EXACT, float("nan"))
+    guidance.guided_denoiser(EXACT, EXACT, float("nan"))

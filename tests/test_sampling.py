@@ -16,6 +16,7 @@ import pytest
 from scipy import stats
 
 from md4 import sampling, schedules
+from md4.samplers import draws as draws_lib, logprobs
 from toy import empirical_tv, make_toy, posterior_denoiser
 
 TOY = make_toy(length=3, vocab_size=3, seed=0)
@@ -132,10 +133,10 @@ def test_top_p_never_draws_outside_the_nucleus_and_renormalises():
 
 def test_top_p_filter_keeps_the_smallest_set_reaching_p():
   logp = jnp.log(jnp.array([[0.1, 0.6, 0.3], [0.25, 0.25, 0.5]]))
-  kept = np.isfinite(np.asarray(sampling.top_p_filter(logp, 0.6)))
+  kept = np.isfinite(np.asarray(logprobs.top_p_filter(logp, 0.6)))
   np.testing.assert_array_equal(kept, [[False, True, False], [True, True, True]])
-  np.testing.assert_allclose(np.exp(sampling.top_p_filter(logp, 0.6))[0], [0, 1, 0], atol=1e-6)
-  np.testing.assert_allclose(np.exp(sampling.top_p_filter(logp, 1.0)), np.exp(logp), rtol=1e-5)
+  np.testing.assert_allclose(np.exp(logprobs.top_p_filter(logp, 0.6))[0], [0, 1, 0], atol=1e-6)
+  np.testing.assert_allclose(np.exp(logprobs.top_p_filter(logp, 1.0)), np.exp(logp), rtol=1e-5)
 
 
 def test_reuse_unchanged_skips_calls_without_changing_samples():
@@ -154,7 +155,7 @@ def test_reuse_unchanged_skips_calls_without_changing_samples():
 
 def test_categorical_matches_its_distribution():
   probs = np.array([0.4, 0.3, 0.2, 0.09, 0.009, 0.001])
-  draws = sampling.categorical(jax.random.key(0), jnp.log(jnp.broadcast_to(probs, (200000, 6))))
+  draws = draws_lib.categorical(jax.random.key(0), jnp.log(jnp.broadcast_to(probs, (200000, 6))))
   counts = np.bincount(np.asarray(draws), minlength=6)
   assert chi2_pvalue(counts, probs) > 1e-4
 
@@ -169,7 +170,7 @@ def test_small_probabilities_are_drawn_in_the_noise_tail():
   hi = jax.random.bits(key_hi, (n, 2), jnp.uint32).at[:, 1].set(0)
   lo = jax.random.bits(key_lo, (n, 2), jnp.uint32)
   logits = jnp.log(jnp.array([1.0, 1e-10]))
-  wins = int((sampling.categorical_from_bits(logits, hi, lo) == 1).sum())
+  wins = int((draws_lib.categorical_from_bits(logits, hi, lo) == 1).sum())
   c = 2.0**-24 * 1e10
   p = (1 - math.exp(-c)) / c
   assert abs(wins - n * p) < 5 * math.sqrt(n * p * (1 - p)), (wins, n * p)
@@ -180,7 +181,7 @@ def test_small_probabilities_are_drawn_in_the_noise_tail():
 
 
 def test_fine_uniform_is_uniform_and_inside_the_open_interval():
-  u, w = sampling.fine_uniform(jax.random.key(1), (100000,))
+  u, w = draws_lib.fine_uniform(jax.random.key(1), (100000,))
   u, w = np.asarray(u, np.float64), np.asarray(w, np.float64)
   assert u.min() > 0 and u.max() < 1 and w.min() > 0
   np.testing.assert_allclose(u + w, 1.0, atol=1e-7)
