@@ -39,7 +39,8 @@ setup(
     package_data={"md4.data": ["demo/*.xz", "demo/*.npz"]},
     install_requires=INSTALL_REQUIRES,
     extras_require={
-        "test": ["pytest==9.2.0", "scipy==1.17.1"],
+        "test": ["pytest==9.2.0", "scipy==1.17.1",
+                 "tensorstore==0.1.86"],  # Orbax's own; the storage tests read its OCDBT b-tree.
         "tf": ["tensorflow-cpu==2.21.0", "tensorboard==2.21.0"],
     },
     entry_points={"console_scripts": ["md4=md4.main:run"]},

@@ -42,6 +42,7 @@ import os
 import importlib
 import pathlib
 import sys
+import warnings
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -210,6 +211,10 @@ def _exit(command: str, message: str, error: BaseException) -> None:
   md4.distributed.exit_now_if_multiprocess)."""
   from md4 import distributed
   distributed.exit_now_if_multiprocess(f"md4 {command}", message, error)
+  # A save that failed mid-write leaves Orbax's pending fragment writes as coroutines nobody will
+  # await; Python warns about each when it collects them at exit, after the one line below.
+  warnings.filterwarnings("ignore", message=r"coroutine .* was never awaited",
+                          category=RuntimeWarning)
   sys.exit(f"md4 {command}: error: {message}")
 
 

@@ -12,8 +12,10 @@ No flock: advisory locks do not work on every shared filesystem clusters use. Th
 created with O_CREAT | O_EXCL, which is atomic on local filesystems and NFS v3 and later. A takeover
 renames the stale file away first (only one contender's rename succeeds) and checks that what it
 moved was the stale lock it judged. The heartbeat thread also checks that the file is still its own
-and records a loss, which the trainer checks before every save: a holder that was suspended for
-longer than STALE_S and found its lock taken over stops rather than write beside the new run.
+and records a loss; `check`, which the trainer calls before every save, reads the file itself too:
+a holder that was suspended for longer than STALE_S and whose lock was taken over stops at its next
+save rather than write beside the new run, even if its heartbeat thread has not run since it
+resumed.
 """
 
 from __future__ import annotations
@@ -175,15 +177,22 @@ class WorkdirLock:
     while not self._stop.wait(HEARTBEAT_S):
       self.heartbeat()
 
+  def _lost_to(self, holder: dict[str, Any] | None) -> bool:
+    """Whether the lock file, read as `holder`, is no longer ours (recorded in self.lost). An
+    unreadable file ({}: being replaced) is not taken for a loss."""
+    if holder == {}:
+      return False
+    if holder is None or holder.get("token") != self._token:
+      self.lost = describe_holder(holder) if holder else "nobody (its file was removed)"
+      self._stop.set()
+      return True
+    return False
+
   def heartbeat(self) -> None:
     """Rewrites the heartbeat (atomically: a reader sees the old or the new file), or records that
     another process holds the lock now."""
     holder = self._read()
-    if holder == {}:  # Unreadable for a moment (being replaced): try again at the next beat.
-      return
-    if holder is None or holder.get("token") != self._token:
-      self.lost = describe_holder(holder) if holder else "nobody (its file was removed)"
-      self._stop.set()
+    if holder == {} or self._lost_to(holder):  # Unreadable for a moment: try at the next beat.
       return
     tmp = f"{self.path}.{self._token}.tmp"
     try:
@@ -194,7 +203,10 @@ class WorkdirLock:
       pass
 
   def check(self) -> None:
-    """Raises WorkdirInUse if another process has taken the lock over."""
+    """Raises WorkdirInUse if another process has taken the lock over (read from the file now: the
+    heartbeat thread may not have run since this process resumed from a suspension)."""
+    if self.lost is None:
+      self._lost_to(self._read())
     if self.lost is not None:
       raise WorkdirInUse(f"the lock of {self.workdir} was taken over by {self.lost} (this process "
                          f"looked dead to it for over {STALE_S:.0f} s): stopping without writing "

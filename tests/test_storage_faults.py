@@ -23,6 +23,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+import tensorstore as ts
 
 from configs import tiny
 from md4 import checkpoint, failures, integrity, train, workdir_lock
@@ -76,28 +77,58 @@ def copy(run, tmp_path):
 
 
 # The faults, each applied to one checkpoint's directory, and what the message must say was wrong.
-def _array_files(step_dir):
-  """The data files of the state's per-process OCDBT store (where the arrays' bytes are)."""
-  return sorted(pathlib.Path(step_dir, "state").glob("ocdbt.process_*/d/*"))
+# The byte-level ones hit the stored bytes of an array the readers read (READ_ARRAY): which arrays
+# share a data file of the OCDBT store depends on how TensorStore batched the save's concurrent
+# writes, which varies from run to run (more under load), so "the largest data file" may hold only
+# optimizer state, which readers rightly do not read.
+READ_ARRAY = "params.net.embed.embedding"
+
+
+def _ocdbt_entries(kv, location, prefix=b""):
+  """(key, entry) of every leaf entry of the OCDBT b-tree below the node at `location`; keys in a
+  subtree are stored without its common prefix."""
+  node = ts.ocdbt.dump(kv, location).result()
+  for entry in node["entries"]:
+    if "location" in entry:  # An interior node's child.
+      yield from _ocdbt_entries(kv, entry["location"],
+                                prefix + entry.get("subtree_common_prefix", b""))
+    else:
+      yield prefix + entry["key"], entry
+
+
+def _stored_bytes(step_dir, array=READ_ARRAY):
+  """(data file, offset, length) of the bytes of `array` (one chunk in the tiny config), as the
+  b-tree of the state's OCDBT store, which readers follow, records them."""
+  state = os.path.join(step_dir, "state")
+  kv = ts.KvStore.open({"driver": "file", "path": state + "/"}).result()
+  root = ts.ocdbt.dump(kv).result()["versions"][-1]["root"]["location"]
+  for key, entry in _ocdbt_entries(kv, root):
+    if key.decode().startswith(array + "/") and "indirect_value" in entry:
+      # "value:<base directory>:d/<file>:<offset>:<length>"
+      _, base, name, offset, length = entry["indirect_value"].split(":")
+      return pathlib.Path(state, base, name), int(offset), int(length)
+  raise AssertionError(f"no stored bytes of {array} in the OCDBT store of {state}")
 
 
 def flip_bytes(step_dir):
-  """One byte set to 0x01 at ten offsets of each array file (bad sectors, bit flips)."""
-  for path in _array_files(step_dir):
-    data = bytearray(path.read_bytes())
-    for offset in range(len(data) // 20, len(data), len(data) // 10):
-      data[offset] = 0x01 if data[offset] != 0x01 else 0x02
-    path.write_bytes(bytes(data))
+  """One byte set to 0x01 at ten offsets of an array's stored bytes (bad sectors, bit flips)."""
+  path, start, length = _stored_bytes(step_dir)
+  data = bytearray(path.read_bytes())
+  for offset in range(start + length // 20, start + length, length // 10):
+    data[offset] = 0x01 if data[offset] != 0x01 else 0x02
+  path.write_bytes(bytes(data))
 
 
 def random_bytes(step_dir):
-  largest = max(_array_files(step_dir), key=lambda p: p.stat().st_size)
-  largest.write_bytes(np.random.default_rng(0).bytes(largest.stat().st_size))
+  """The data file holding an array's bytes overwritten with random bytes."""
+  path, _, _ = _stored_bytes(step_dir)
+  path.write_bytes(np.random.default_rng(0).bytes(path.stat().st_size))
 
 
 def truncate(step_dir):
-  largest = max(_array_files(step_dir), key=lambda p: p.stat().st_size)
-  os.truncate(largest, largest.stat().st_size // 3)
+  """The data file holding an array's bytes cut short in the middle of them."""
+  path, start, length = _stored_bytes(step_dir)
+  os.truncate(path, start + length // 2)
 
 
 def no_orbax_metadata(step_dir):
@@ -423,7 +454,7 @@ def test_cli_a_second_train_on_a_workdir_in_use_is_refused_in_one_line(copy):
 # --- The lock on its own (no JAX): contenders, dead holders, stale heartbeats. ---
 
 CONTENDER = r"""
-import sys, time
+import os, sys, time
 sys.path.insert(0, {root!r})
 from md4 import workdir_lock
 lock = workdir_lock.WorkdirLock({workdir!r}, log=lambda m: None)
@@ -434,20 +465,29 @@ try:
 except workdir_lock.WorkdirInUse as e:
   print("refused", e)
   sys.exit(0)
-print("acquired")
-time.sleep(1.5)
+print("acquired", flush=True)
+# Held until the test has seen the other contender's answer (or a minute): however late a loaded
+# machine starts that one, it finds the lock held.
+deadline = time.time() + 60
+while not os.path.exists({release!r}) and time.time() < deadline:
+  time.sleep(0.01)
 lock.release()
 """
 
 
 def test_two_contenders_started_together_get_one_lock(tmp_path):
+  workdir, release = tmp_path / "run", tmp_path / "release"
   start = time.time() + 1.5
   procs = [subprocess.Popen([sys.executable, "-c", CONTENDER.format(
-      root=ROOT, workdir=str(tmp_path), start=start)], stdout=subprocess.PIPE, text=True)
-      for _ in range(2)]
+      root=ROOT, workdir=str(workdir), start=start, release=str(release))],
+      stdout=subprocess.PIPE, text=True) for _ in range(2)]
+  deadline = time.monotonic() + 60
+  while all(p.poll() is None for p in procs) and time.monotonic() < deadline:
+    time.sleep(0.01)  # Until one contender has answered and exited (the refused one).
+  release.touch()
   outs = sorted(p.communicate(timeout=60)[0].split()[0] for p in procs)
   assert outs == ["acquired", "refused"]
-  assert not os.path.exists(tmp_path / workdir_lock.LOCK_NAME)
+  assert not os.path.exists(workdir / workdir_lock.LOCK_NAME)
 
 
 def _write_lock(workdir, **fields):
@@ -486,16 +526,19 @@ def test_a_lock_left_by_a_dead_run_is_taken_over_with_a_message(tmp_path, fields
 
 
 def test_a_holder_that_missed_two_heartbeats_is_waited_for_then_taken_over(tmp_path, monkeypatch):
+  """Its heartbeat 0.5 s old (two beats of 0.2 s missed): waited for until it is STALE_S = 2 s old,
+  so at least 1.5 s after it was written (timed from before it was written, and with 1.5 s for a
+  loaded machine to reach the first look, which must see it not yet stale)."""
   monkeypatch.setattr(workdir_lock, "HEARTBEAT_S", 0.2)
-  monkeypatch.setattr(workdir_lock, "STALE_S", 1.0)
-  _write_lock(tmp_path, host="elsewhere", heartbeat=time.time() - 0.5)
+  monkeypatch.setattr(workdir_lock, "STALE_S", 2.0)
   messages = []
   start = time.monotonic()
+  _write_lock(tmp_path, host="elsewhere", heartbeat=time.time() - 0.5)
   lock = workdir_lock.WorkdirLock(str(tmp_path), log=messages.append)
   lock.acquire()
   lock.release()
-  assert 0.4 < time.monotonic() - start < 5
-  assert re.search(r"heartbeat stopped \d+ s ago: waiting until it is 1 s old", messages[0])
+  assert 1.5 <= time.monotonic() - start < 6
+  assert re.search(r"heartbeat stopped \d+ s ago: waiting until it is 2 s old", messages[0])
   assert "took over the lock" in messages[1] and len(messages) == 2, messages
 
 
@@ -516,6 +559,32 @@ def test_a_live_lock_on_another_host_is_refused_and_a_lost_lock_stops_the_holder
     lock.check()
   lock.release()
   assert json.loads((tmp_path / workdir_lock.LOCK_NAME).read_text())["pid"] == 2  # Not ours to remove.
+
+
+def test_a_holder_whose_lock_was_taken_over_stops_at_its_next_check_without_a_heartbeat(
+    tmp_path, monkeypatch):
+  """A holder suspended past STALE_S and taken over resumes: the check before its next save reads
+  the lock file itself, so it stops even if its heartbeat thread has not run since."""
+  monkeypatch.setattr(workdir_lock, "HEARTBEAT_S", 3600.0)  # The thread does not beat here.
+  lock = workdir_lock.WorkdirLock(str(tmp_path))
+  lock.acquire()
+  try:
+    lock.check()  # Still ours.
+    _write_lock(tmp_path, host="elsewhere", pid=2)  # Taken over while this process was suspended.
+    with pytest.raises(workdir_lock.WorkdirInUse, match=r"taken over by md4 train on host "
+                                                        r"elsewhere, pid 2"):
+      lock.check()
+  finally:
+    lock.release()
+  assert json.loads((tmp_path / workdir_lock.LOCK_NAME).read_text())["pid"] == 2  # Not ours.
+  os.remove(tmp_path / workdir_lock.LOCK_NAME)
+  lock = workdir_lock.WorkdirLock(str(tmp_path))
+  lock.acquire()
+  os.remove(tmp_path / workdir_lock.LOCK_NAME)  # Removed by hand, or by a takeover half done.
+  with pytest.raises(workdir_lock.WorkdirInUse, match=r"taken over by nobody \(its file was "
+                                                      r"removed\)"):
+    lock.check()
+  lock.release()
 
 
 def test_causes_are_named_in_plain_words_from_python_and_tensorstore_errors():
