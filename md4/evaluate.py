@@ -63,8 +63,9 @@ class Evaluator:
   def __init__(self, network: nn.Module, cfg: Config, mesh: Mesh):
     sharding.check_batch_size(cfg.eval.batch_size, mesh, "eval.batch_size")
     self.cfg, self.mesh = cfg, mesh
-    self._sums = jax.jit(functools.partial(_batch_sums, network=network, cfg=cfg),
-                         out_shardings=sharding.replicated(mesh))
+    # (params, batch, rng) -> the sums of one batch; md4/aot.py compiles it from shapes alone.
+    sums = functools.partial(_batch_sums, network=network, cfg=cfg)
+    self.batch_sums = jax.jit(sharding.in_mesh(sums, mesh), out_shardings=sharding.replicated(mesh))
 
   def __call__(self, params, dataset: Dataset, *, split: str | None = None,
                max_examples: int | None = None, rng: jax.Array | None = None) -> EvalResult:
@@ -77,7 +78,7 @@ class Evaluator:
     for local in dataset.eval_iterator(split, cfg.eval.batch_size, jax.process_index(),
                                        jax.process_count(), max_examples):
       batch = sharding.global_batch(local, self.mesh)
-      totals += np.asarray(self._sums(params, batch, rng), np.float64)
+      totals += np.asarray(self.batch_sums(params, batch, rng), np.float64)
     if totals[4] == 0:
       raise ValueError(f"split {split!r} of dataset {cfg.data.dataset!r} has no examples")
     return result_from_sums(totals, dataset.spec.unit)

@@ -165,7 +165,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, setup: Setup
 
 def compile_train_step(setup: Setup, abstract_state: TrainState) -> Callable:
   state_sharding = sharding.state_shardings(abstract_state, setup.mesh)
-  return jax.jit(functools.partial(train_step, setup=setup),
+  return jax.jit(sharding.in_mesh(functools.partial(train_step, setup=setup), setup.mesh),
                  in_shardings=(state_sharding, sharding.batch_sharding(setup.mesh)),
                  out_shardings=(state_sharding, sharding.replicated(setup.mesh)),
                  donate_argnums=0)

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
+from md4 import sharding
 from md4.networks import attention, remat
 
 Array = jax.Array
@@ -690,11 +691,15 @@ class Transformer(nn.Module):
       x = nn.Dense(cfg.d_model, dtype=cfg.dtype, name="embed_proj")(x).astype(jnp.float32)
     if cfg.embed_dropout:
       x = nn.Dropout(cfg.dropout_rate, deterministic=not train)(x)
+    # Split along the batch, so that XLA does not follow the parameters' split of the width into
+    # the activations (md4/sharding.py).
+    x = sharding.constrain_batch(x)
     angles = rope_angles(jnp.arange(z.shape[1]), cfg.d_model // cfg.num_heads, cfg.rope_base)
     block = block_class(cfg.remat)
     spec = cfg.block_spec()
     for i in range(cfg.num_layers):
       x = block(spec, deterministic=not train, name=f"block_{i}")(x, c, angles)
+      x = sharding.constrain_batch(x)
     out = FinalLayer(cfg.vocab_size, cfg.norm, cfg.norm_eps, cfg.cond_activation,
                      cfg.output_bias, dtype=cfg.dtype, name="final")(x, c, positions,
                                                                      project=not features)

@@ -18,6 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from md4 import sharding
 from md4.networks import attention, remat
 from md4.networks.transformer import (
     ConditionEmbedding,
@@ -183,9 +184,11 @@ class ResNetEnds:
     cfg = self.cfg
     x = PixelEmbedding(cfg.vocab_size, cfg.features, name="pixel_embed")(z)
     h = nn.Conv(cfg.features, (3, 3), dtype=cfg.dtype, name="conv_in")(x).astype(jnp.float32)
+    # Split along the batch (the kernels are split along their output channels: md4/sharding.py).
+    h = sharding.constrain_batch(h)
     self.skips = [h]
     for i in range(cfg.num_res_blocks):
-      h = self.res_block(f"down_{i}")(h, c)
+      h = sharding.constrain_batch(self.res_block(f"down_{i}")(h, c))
       self.skips.append(h)
     return h
 
@@ -194,6 +197,7 @@ class ResNetEnds:
     cfg = self.cfg
     for i in range(cfg.num_res_blocks + 1):
       h = self.res_block(f"up_{i}")(jnp.concatenate([h, self.skips.pop()], axis=-1), c)
+      h = sharding.constrain_batch(h)
     h = nn.swish(GroupNorm(cfg.norm_groups, self.cond_mode, cfg.dtype, name="out_norm")(h, c))
     h = nn.Conv(cfg.num_channels * cfg.vocab_size, (3, 3), kernel_init=nn.initializers.zeros,
                 dtype=cfg.dtype, name="out_conv")(h)

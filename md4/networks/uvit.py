@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from md4 import sharding
 from md4.networks import remat
 from md4.networks.transformer import (
     BlockSpec,
@@ -195,6 +196,7 @@ class UViT(nn.Module):
     spec = cfg.block_spec()
     for i in range(cfg.num_layers):
       tokens = block(spec, deterministic=not train, name=f"block_{i}")(tokens, c, None)
+      tokens = sharding.constrain_batch(tokens)
     patches = FinalLayer(p * p * cfg.features, "layernorm", _DIT_NORM_EPS, "silu", use_bias=True,
                          dtype=cfg.dtype, name="patch_out")(tokens, c)
     h = depth_to_space(patches.reshape(b, hp, wp, -1), p).astype(jnp.float32)
