@@ -49,6 +49,10 @@ class ModelConfig:
   # "diffusion" (MD4, GenMD4) or "autoregressive": a causal transformer (model.net.causal=True,
   # time_conditioning=False) with its exact likelihood, such as a judge of sample quality.
   objective: str = "diffusion"
+  # Positions per chunk of the output layer in the training loss and the bound (the transformer
+  # only): the logits of all positions, [B, L, V], are never held at once, and each chunk's are
+  # recomputed in the backward pass. 0: all positions at once. Same value and gradient either way.
+  logits_chunk: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,6 +187,7 @@ _RANGES: tuple[tuple[str, Any, str], ...] = (
     ("model.eps", lambda v: 0.0 <= v < 0.5, "in [0, 0.5)"),
     ("model.power_init", lambda v: v > 0.0 and math.isfinite(v), "> 0 (GenMD4's w_v = softplus(raw) > 0)"),
     ("model.network_masks", lambda v: v in (1, 2), "1 or 2"),
+    ("model.logits_chunk", lambda v: v >= 0, ">= 0 (0: the whole sequence at once)"),
     ("optimizer.lr", lambda v: v >= 0.0 and math.isfinite(v), ">= 0"),
     ("optimizer.warmup_steps", lambda v: v >= 0, ">= 0"),
     ("optimizer.min_lr_ratio", lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),
@@ -247,6 +252,20 @@ def validate(cfg: Config) -> None:
     raise ValueError("model.net must not set vocab_size or dtype: they come from model.vocab_size "
                      "and train.compute_dtype")
   _validate_objective(cfg)
+  _validate_logits_chunk(cfg)
+
+
+def _validate_logits_chunk(cfg: Config) -> None:
+  chunk = cfg.model.logits_chunk
+  if not chunk:
+    return
+  if cfg.model.network != "transformer" or cfg.model.objective != "diffusion":
+    raise ValueError(f"model.logits_chunk={chunk} applies to the diffusion transformer (its output "
+                     f"layer runs alone); this config has model.network={cfg.model.network!r}, "
+                     f"model.objective={cfg.model.objective!r} (0: off)")
+  if cfg.data.seq_length % chunk:
+    raise ValueError(f"model.logits_chunk={chunk} must divide data.seq_length="
+                     f"{cfg.data.seq_length}")
 
 
 def _validate_objective(cfg: Config) -> None:

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from md4 import readout
 from md4.schedules import Schedule, StateDependentPoly, rate
 
 Array = jax.Array
@@ -134,30 +135,39 @@ def _scale(weight: Array, total: Array) -> Array:
   return jnp.where(total == 0.0, 0.0, weight * total)
 
 
-def _diffusion_continuous(logp, x, masked, t, schedule):
-  gamma = rate(schedule, t)
+def _position_sums(logp, x, masked, t, s, schedule, timesteps):
+  """The sum over the masked positions of x: int[B, *S] of the diffusion term's per-position part,
+  float32[B]; a state-independent schedule's per-example weight is applied by `_weighted`.
+
+  logp: float32[B, *S, V]; t, s: float32[B] (s only in discrete time).
+  """
   logp_x = jnp.take_along_axis(logp, x[..., None], axis=-1)[..., 0]
   if not schedule.state_dependent:
-    return _scale(gamma, _masked_sum(masked, -logp_x))
+    return _masked_sum(masked, -logp_x)
   b = x.shape[0]
-  g = gamma.reshape((b,) + (1,) * (x.ndim - 1) + (-1,))
-  g_x = jnp.take_along_axis(g, x[..., None], axis=-1)[..., 0]
-  per_pos = (g * jnp.exp(logp)).sum(-1) - g_x * (logp_x + 1.0)
-  return _masked_sum(masked, per_pos)
-
-
-def _diffusion_discrete(logp, x, masked, t, s, schedule, timesteps):
+  lead = (b,) + (1,) * (x.ndim - 1) + (-1,)
+  if timesteps is None:
+    g = rate(schedule, t).reshape(lead)
+    g_x = jnp.take_along_axis(g, x[..., None], axis=-1)[..., 0]
+    return _masked_sum(masked, (g * jnp.exp(logp)).sum(-1) - g_x * (logp_x + 1.0))
   a_t, a_s = schedule.alpha(t), schedule.alpha(s)
-  r = (a_s - a_t) / (1.0 - a_t)  # step unmasking probability, [B] or [B, V]
-  logp_x = jnp.take_along_axis(logp, x[..., None], axis=-1)[..., 0]
-  if not schedule.state_dependent:
-    return timesteps * r * _masked_sum(masked, -logp_x)
-  b = x.shape[0]
-  r = r.reshape((b,) + (1,) * (x.ndim - 1) + (-1,))
+  r = ((a_s - a_t) / (1.0 - a_t)).reshape(lead)  # step unmasking probability per token value
   r_x = jnp.take_along_axis(r, x[..., None], axis=-1)[..., 0]
   stay_model = 1.0 - (r * jnp.exp(logp)).sum(-1)
   kl = -r_x * logp_x + (1.0 - r_x) * (jnp.log1p(-r_x) - jnp.log(stay_model))
-  return timesteps * _masked_sum(masked, kl)
+  return _masked_sum(masked, kl)
+
+
+def _weighted(total, t, s, schedule, timesteps):
+  """The diffusion term from `_position_sums`' float32[B]: times gamma(t) (continuous) or T times the
+  step's unmasking probability (discrete) for a state-independent schedule, whose weight is the
+  same at every position; T times the sum for a state-dependent one in discrete time."""
+  if schedule.state_dependent:
+    return total if timesteps is None else timesteps * total
+  if timesteps is None:
+    return _scale(rate(schedule, t), total)
+  a_t, a_s = schedule.alpha(t), schedule.alpha(s)
+  return timesteps * ((a_s - a_t) / (1.0 - a_t)) * total
 
 
 def _times_and_keys(x, rng, antithetic, times):
@@ -192,19 +202,49 @@ def _draw(x, rng, schedule, vocab_size, timesteps, antithetic, times=None):
   return t, s, z
 
 
-def _call(denoise_fn, z, t, x, vocab_size):
-  logits = denoise_fn(z, t)
-  if logits.shape != x.shape + (vocab_size,):
-    raise ValueError(f"denoise_fn returned logits of shape {logits.shape}; expected "
-                     f"{x.shape + (vocab_size,)} (x's shape plus vocab_size)")
-  return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+def _check_logits(logits, shape, vocab_size, what):
+  if logits.shape != shape + (vocab_size,):
+    raise ValueError(f"{what} returned logits of shape {logits.shape}; expected "
+                     f"{shape + (vocab_size,)} (x's shape plus vocab_size)")
 
 
-def _diffusion(logp, x, z, t, s, schedule, vocab_size, timesteps):
-  masked = z == vocab_size
-  if timesteps is None:
-    return _diffusion_continuous(logp, x, masked, t, schedule)
-  return _diffusion_discrete(logp, x, masked, t, s, schedule, timesteps)
+def _sums(denoise_fn, z, t, x, vocab_size, fn, chunk=None):
+  """fn(logp: float32[B, *S', V], x: int[B, *S'], z: int[B, *S']) -> a tuple of float32[B] sums over
+  those positions, summed over all positions of x: int[B, *S] (z_t: int32[B, *S]).
+
+  Without a chunk the denoiser is called once and fn sees every position. With one, denoise_fn must
+  be a readout.SplitDenoiser whose features are [B, *S, D] (the transformer's, model.denoiser): its
+  output layer is applied to `chunk` positions at a time (flattened: *S' = (chunk,)) in a scan
+  whose body is rematerialised, so one chunk's logits live at a time, forward and backward, and
+  fn's sums are added up.
+  """
+  if chunk is None:
+    logits = denoise_fn(z, t)
+    _check_logits(logits, x.shape, vocab_size, "denoise_fn")
+    return fn(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1), x, z)
+  if not isinstance(denoise_fn, readout.SplitDenoiser):
+    raise ValueError("logits_chunk needs a denoiser split at its output layer "
+                     "(readout.SplitDenoiser, as model.denoiser makes the transformer)")
+  h = denoise_fn.features(z, t)
+  b, n = x.shape[0], math.prod(x.shape[1:])
+  if not isinstance(h, jax.Array) or h.shape[:-1] != x.shape:
+    raise ValueError(f"logits_chunk needs features of x's shape {x.shape} plus a feature "
+                     f"dimension; the denoiser's are {jax.tree.map(jnp.shape, h)}")
+  if chunk < 1 or n % chunk:
+    raise ValueError(f"logits_chunk={chunk} must divide the {n} positions of each example")
+  split = lambda v: v.reshape((b, n // chunk, chunk) + v.shape[x.ndim:]).swapaxes(0, 1)
+
+  @jax.checkpoint
+  def chunk_sums(h_c, x_c, z_c):
+    logits = denoise_fn.logits(h_c, None)
+    _check_logits(logits, x_c.shape, vocab_size, "the denoiser's output layer")
+    return fn(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1), x_c, z_c)
+
+  inputs = (split(h), split(x), split(z))
+  first = jax.tree.map(lambda v: v[0], inputs)
+  zeros = jax.tree.map(lambda v: jnp.zeros(v.shape, v.dtype), jax.eval_shape(chunk_sums, *first))
+  add = lambda total, chunk: (jax.tree.map(jnp.add, total, chunk_sums(*chunk)), None)
+  return jax.lax.scan(add, zeros, inputs)[0]
 
 
 def _check_all(x, schedule, vocab_size, timesteps=None, num_samples=1):
@@ -218,11 +258,12 @@ def _check_all(x, schedule, vocab_size, timesteps=None, num_samples=1):
 
 def nelbo(denoise_fn: DenoiseFn, x: Array, rng: Array, schedule: AnySchedule, *, vocab_size: int,
           num_samples: int = 1, timesteps: int | None = None, antithetic: bool = True,
-          times: Array | None = None) -> Array:
+          times: Array | None = None, logits_chunk: int | None = None) -> Array:
   """Unbiased Monte Carlo estimate of the negative ELBO in nats per example: float32[B].
 
   Args:
-    denoise_fn: (z_t: int32[B, *S], t: float32[B]) -> float32[B, *S, vocab_size] logits of x.
+    denoise_fn: (z_t: int32[B, *S], t: float32[B]) -> float32[B, *S, vocab_size] logits of x
+      (a plain callable, or a readout.SplitDenoiser).
     x: int32[B, *S] data, ids in [0, vocab_size).
     rng: one PRNG key, or one key per example (key shape [B]): then each example's draws depend
       on its own key alone, whatever batch it sits in.
@@ -233,6 +274,9 @@ def nelbo(denoise_fn: DenoiseFn, x: Array, rng: Array, schedule: AnySchedule, *,
     antithetic: stratify t across the batch (lower variance, still unbiased per example); applies
       when rng is one key.
     times: optional float32[B] times to use instead of drawing them (num_samples must be 1).
+    logits_chunk: None, or C: the logits formed C positions at a time and never all at once (the
+      same value and gradient, to float rounding); needs a readout.SplitDenoiser whose features
+      have x's shape plus a feature dimension (model.denoiser's transformer).
   """
   _check_all(x, schedule, vocab_size, timesteps, num_samples)
   if times is not None and num_samples != 1:
@@ -240,8 +284,9 @@ def nelbo(denoise_fn: DenoiseFn, x: Array, rng: Array, schedule: AnySchedule, *,
 
   def one(key):
     t, s, z = _draw(x, key, schedule, vocab_size, timesteps, antithetic, times)
-    logp = _call(denoise_fn, z, t, x, vocab_size)
-    return _diffusion(logp, x, z, t, s, schedule, vocab_size, timesteps)
+    (total,) = _sums(denoise_fn, z, t, x, vocab_size, lambda logp, x, z: (
+        _position_sums(logp, x, z == vocab_size, t, s, schedule, timesteps),), logits_chunk)
+    return _weighted(total, t, s, schedule, timesteps)
 
   rng = _typed(rng)
   if rng.shape == ():
@@ -263,7 +308,7 @@ def _log_keep_prob(x, z, t, schedule, vocab_size):
 
 def training_loss(denoise_fn: DenoiseFn, x: Array, rng: Array, schedule: AnySchedule, *,
                   vocab_size: int, antithetic: bool = True, network_masks: int = 2,
-                  times: Array | None = None) -> Array:
+                  times: Array | None = None, logits_chunk: int | None = None) -> Array:
   """Per-example surrogate: float32[B]; its value estimates nelbo and its gradient is unbiased.
 
   For a state-independent schedule this is `nelbo` with one sample. For StateDependentPoly (GenMD4) two
@@ -277,7 +322,7 @@ def training_loss(denoise_fn: DenoiseFn, x: Array, rng: Array, schedule: AnySche
   _check_all(x, schedule, vocab_size)
   if not schedule.state_dependent:
     return nelbo(denoise_fn, x, rng, schedule, vocab_size=vocab_size, antithetic=antithetic,
-                 times=times)
+                 times=times, logits_chunk=logits_chunk)
   if network_masks not in (1, 2):
     raise ValueError(f"network_masks must be 1 or 2, got {network_masks!r}")
   b = x.shape[0]
@@ -285,15 +330,20 @@ def training_loss(denoise_fn: DenoiseFn, x: Array, rng: Array, schedule: AnySche
   keep = _per_token(schedule.alpha(t), schedule, x)
   z1 = forward_mask(jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys), x, keep, vocab_size)
   z2 = forward_mask(jax.vmap(lambda k: jax.random.fold_in(k, 2))(keys), x, keep, vocab_size)
+
+  def both_sums(logp, x, z):  # logp, x, z: [2B, ...], the two masked copies stacked.
+    logp1, logp2 = logp[:b], logp[b:]
+    if network_masks == 1:
+      logp2 = jax.lax.stop_gradient(logp2)
+    return (_position_sums(logp1, x[:b], z[:b] == vocab_size, t, None, schedule, None),
+            _position_sums(logp2, x[b:], z[b:] == vocab_size, t, None, schedule, None))
+
   # One network call on the stacked batch: better device utilisation than two calls.
-  both = jnp.concatenate([x, x])
-  logp = _call(denoise_fn, jnp.concatenate([z1, z2]), jnp.concatenate([t, t]), both, vocab_size)
-  logp1, logp2 = logp[:b], logp[b:]
-  if network_masks == 1:
-    logp2 = jax.lax.stop_gradient(logp2)
+  sum1, sum2 = _sums(denoise_fn, jnp.concatenate([z1, z2]), jnp.concatenate([t, t]),
+                     jnp.concatenate([x, x]), vocab_size, both_sums, logits_chunk)
   ends = end_terms(x, schedule, vocab_size)
-  f1 = _diffusion(logp1, x, z1, t, None, schedule, vocab_size, None) + ends
-  f2 = _diffusion(logp2, x, z2, t, None, schedule, vocab_size, None) + ends
+  f1 = _weighted(sum1, t, None, schedule, None) + ends
+  f2 = _weighted(sum2, t, None, schedule, None) + ends
   value = f1 if network_masks == 1 else 0.5 * (f1 + f2)
   score = _log_keep_prob(x, z1, t, schedule, vocab_size) - _log_keep_prob(
       x, z2, t, schedule, vocab_size)

@@ -161,13 +161,15 @@ def guided_denoiser(network: nn.Module, params: Params, cond: jax.Array, *, null
 def _diffusion_training(cfg: Config, network, params, x, keys, times, label, dropout_rng):
   return elbo.training_loss(denoiser(network, params, label, dropout_rng=dropout_rng), x, keys,
                             make_schedule(cfg.model, params), vocab_size=cfg.model.vocab_size,
-                            times=times, network_masks=cfg.model.network_masks)
+                            times=times, network_masks=cfg.model.network_masks,
+                            logits_chunk=cfg.model.logits_chunk or None)
 
 
 def _diffusion_eval(cfg: Config, network, params, x, keys, label):
   return elbo.nelbo(denoiser(network, params, label), x, keys, make_schedule(cfg.model, params),
                     vocab_size=cfg.model.vocab_size, num_samples=cfg.eval.num_time_samples,
-                    timesteps=cfg.eval.timesteps or None)
+                    timesteps=cfg.eval.timesteps or None,
+                    logits_chunk=cfg.model.logits_chunk or None)
 
 
 def _autoregressive(cfg: Config, network, params, x, label, dropout_rng):
