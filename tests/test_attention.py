@@ -11,8 +11,9 @@ import pytest
 
 from md4.networks import attention
 
-# The implementations that run on this backend (cuDNN needs a GPU).
-RUNNABLE = [impl for impl in attention.ATTENTION_IMPLS if impl != "cudnn"]
+# The implementations that run on this backend at these tests' sizes (cuDNN needs a GPU; splash,
+# interpreted here, needs 128 positions and has tests of its own: tests/test_splash_attention.py).
+RUNNABLE = [impl for impl in attention.ATTENTION_IMPLS if impl not in ("cudnn", "splash")]
 
 
 def reference(q, k, v, causal):
@@ -107,7 +108,11 @@ def test_default_implementation_per_backend():
   assert attention.default_impl("gpu", bf16, 256, 9.0) == "xla"  # Wider than 128.
   assert attention.default_impl("gpu", bf16, 64, 7.5) == "xla"  # Before Ampere.
   assert attention.default_impl("gpu", bf16, 64, None) == "xla"  # Capability unknown (ROCm).
-  assert attention.default_impl("tpu", bf16, 128) == "xla"
+  # TPU: the splash kernel where the sequence is whole tiles of 128 positions.
+  assert attention.default_impl("tpu", bf16, 64, length=1024) == "splash"
+  assert attention.default_impl("tpu", f32, 64, length=256) == "splash"
+  assert attention.default_impl("tpu", bf16, 64, length=100) == "xla"
+  assert attention.default_impl("tpu", bf16, 128) == "xla"  # Length unknown.
   for backend in ("cpu", "gpu", "tpu"):
     for dtype in (bf16, f16, f32):
       impl = attention.default_impl(backend, dtype, 64, 9.0)

@@ -16,6 +16,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from md4 import sharding
+
 Array = jax.Array
 
 
@@ -75,6 +77,34 @@ def _cudnn(q: Array, k: Array, v: Array, causal: bool) -> Array:
   return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn")
 
 
+def _splash(q: Array, k: Array, v: Array, causal: bool) -> Array:
+  """The splash attention kernel of jax's Pallas TPU ops: flash attention, tiled so the [L, L]
+  scores of a head never exist whole, forward or backward. Compiled for a TPU; elsewhere (tests on
+  the CPU) run by the Pallas interpreter. Each device runs it on its slice of the batch."""
+  from jax.experimental.pallas.ops.tpu import splash_attention as splash  # pylint: disable=g-import-not-at-top
+  _, length, heads, head_dim = q.shape
+  block = SPLASH_BLOCK
+  if length % block:
+    raise ValueError(f"attention_impl='splash' needs a sequence length that is a multiple of "
+                     f"{block}, got {length}")
+  mask = (splash.CausalMask if causal else splash.FullMask)((length, length))
+  kernel = splash.make_splash_mha(
+      splash.MultiHeadMask([mask] * heads), head_shards=1, q_seq_shards=1,
+      block_sizes=splash.BlockSizes(block, block, block, block, block, block, block, block),
+      interpret=sharding.target_platform() != "tpu")
+  # The kernel takes one example's [N, L, H] and does not scale the scores.
+  scale = 1.0 / math.sqrt(head_dim)
+  per_example = lambda q, k, v: kernel((q * scale).astype(q.dtype), k, v)
+  heads_first = lambda a: a.swapaxes(1, 2)
+  run = lambda q, k, v: heads_first(jax.vmap(per_example)(heads_first(q), heads_first(k),
+                                                          heads_first(v)))
+  return sharding.per_device(run)(q, k, v)
+
+
+# Tile of the splash kernel along queries and keys: its default, and the least it takes (the TPU's
+# 128 lanes).
+SPLASH_BLOCK = 128
+
 # Implementations that run in half precision only.
 HALF_PRECISION_ONLY = ("cudnn",)
 # cuDNN's fused (flash) attention in bfloat16/float16: head widths that are multiples of 8 up to 128
@@ -84,15 +114,17 @@ _CUDNN_MIN_CAPABILITY = 8.0
 
 
 def default_impl(backend: str, dtype: jnp.dtype, head_dim: int,
-                 gpu_capability: float | None = None) -> str:
+                 gpu_capability: float | None = None, length: int | None = None) -> str:
   """The implementation that impl=None runs: the fastest measured for the backend, among those
-  that accept the dtype and shape.
+  that accept the dtype and shape (on a TPU: splash, which needs whole tiles of SPLASH_BLOCK
+  positions, chosen for its memory, whose [L, L] scores it never holds: no TPU was measured).
 
   Args:
-    backend: jax.default_backend() ("cpu", "gpu" or "tpu").
+    backend: the platform compiled for ("cpu", "gpu" or "tpu"; sharding.target_platform()).
     dtype: the queries' dtype.
     head_dim: H, the width of each head.
     gpu_capability: the GPU's CUDA compute capability (e.g. 9.0), or None when unknown.
+    length: L, the sequence length, or None when unknown.
   """
   if backend == "cpu":
     return "matmul"
@@ -101,6 +133,8 @@ def default_impl(backend: str, dtype: jnp.dtype, head_dim: int,
     shape_ok = head_dim % 8 == 0 and head_dim <= _CUDNN_MAX_HEAD_DIM
     device_ok = gpu_capability is not None and gpu_capability >= _CUDNN_MIN_CAPABILITY
     return "cudnn" if half and shape_ok and device_ok else "xla"
+  if backend == "tpu" and length is not None and length % SPLASH_BLOCK == 0:
+    return "splash"
   return "xla"
 
 
@@ -112,15 +146,16 @@ def _gpu_capability() -> float | None:
     return None
 
 
-def chosen_impl(dtype: jnp.dtype, head_dim: int) -> str:
-  """What impl=None runs on this process's backend (jax.default_backend()) and device."""
-  backend = jax.default_backend()
-  capability = _gpu_capability() if backend == "gpu" else None
-  return default_impl(backend, dtype, head_dim, capability)
+def chosen_impl(dtype: jnp.dtype, head_dim: int, length: int | None = None) -> str:
+  """What impl=None runs for the platform being compiled for (that of the mesh in context, a TPU
+  slice's when md4 compile compiles for one; else this process's backend) and its device."""
+  backend = sharding.target_platform()
+  capability = _gpu_capability() if backend == jax.default_backend() == "gpu" else None
+  return default_impl(backend, dtype, head_dim, capability, length)
 
 
 def _auto(q: Array, k: Array, v: Array, causal: bool) -> Array:
-  return _IMPLS[chosen_impl(q.dtype, q.shape[-1])](q, k, v, causal)
+  return _IMPLS[chosen_impl(q.dtype, q.shape[-1], q.shape[1])](q, k, v, causal)
 
 
 # name -> (q, k, v: [B, L, N, H], causal) -> [B, L, N, H]. None: `default_impl`'s choice for the
@@ -130,6 +165,7 @@ _IMPLS: dict[str | None, Callable[[Array, Array, Array, bool], Array]] = {
     "matmul": _matmul,
     "xla": _xla,
     "cudnn": _cudnn,
+    "splash": _splash,
 }
 ATTENTION_IMPLS: tuple[str | None, ...] = tuple(_IMPLS)
 
