@@ -39,9 +39,14 @@ setup(
     package_data={"md4.data": ["demo/*.xz", "demo/*.npz"]},
     install_requires=INSTALL_REQUIRES,
     extras_require={
-        "test": ["pytest==9.2.0", "scipy==1.17.1",
-                 "tensorstore==0.1.86"],  # Orbax's own; the storage tests read its OCDBT b-tree.
+        # tensorstore: Orbax's own; the storage tests read its OCDBT b-tree. libtpu: tests compile a
+        # tiny config for a TPU slice (md4 compile), with no TPU attached.
+        "test": ["pytest==9.2.0", "scipy==1.17.1", "tensorstore==0.1.86", "libtpu==0.0.42.1"],
         "tf": ["tensorflow-cpu==2.21.0", "tensorboard==2.21.0"],
+        # Run on a Cloud TPU VM, or compile for a TPU slice from any host: md4 compile.
+        "tpu": ["jax[tpu]==0.10.2", "libtpu==0.0.42.1"],
+        # Run on NVIDIA GPUs, or compile for an H100 from any host: md4 compile --topology=h100.
+        "gpu": ["jax[cuda12]==0.10.2"],
     },
     entry_points={"console_scripts": ["md4=md4.main:run"]},
 )

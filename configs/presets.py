@@ -12,9 +12,13 @@ config in place). An unknown name raises ValueError listing the valid ones.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, Mapping
 
 import ml_collections
+
+from md4 import networks
+from md4.config import NET_RUNTIME_FIELDS
 
 Preset = Callable[[ml_collections.ConfigDict], None]
 
@@ -73,10 +77,16 @@ def apply(config: ml_collections.ConfigDict, arg: str | None,
     ValueError: naming an unknown preset and listing the valid ones.
   """
   table: dict[str, Preset] = {"tiny": tiny, **(presets or {})}
-  # Listed so that the command line can set it (an override cannot add a key to model.net):
-  # --config.model.net.remat=dots. "none" is every network's default.
-  if "remat" not in config.model.net:
-    config.model.net.remat = "none"
+  # The network's options that change how a step computes, not what its parameters mean, listed
+  # with their defaults so that the command line can set them (an override cannot add a key to
+  # model.net): --config.model.net.remat=dots, --config.model.net.attention_impl=splash.
+  net_config = networks.NETWORKS[config.model.network][1]
+  fields = {f.name: f.default for f in dataclasses.fields(net_config)}
+  for name in NET_RUNTIME_FIELDS:
+    if name in fields and name not in config.model.net:
+      default = fields[name]  # None (attention_impl) is typed, so that a string may replace it.
+      config.model.net[name] = (ml_collections.FieldReference(None, field_type=str)
+                                if default is None else default)
   if not arg:
     return config
   for name in str(arg).split(","):

@@ -17,6 +17,9 @@
              MDLM's released checkpoint (Hugging Face directory or Lightning .ckpt) -> the same
   md4 export --workdir=DIR --to=NEW_DIR [--params=ema|raw] [--checkpoint_step=N]
              a model as a directory to share (config.json, model.safetensors, README.md)
+  md4 compile --topology=SLICE [--config=...] [--fit]
+             the steps compiled for a TPU slice (or an H100) that is not attached: memory per
+             chip, FLOPs, collectives, a roofline estimate; --fit: the fastest setting that fits
 
 A model is read from a workdir (its checkpoints) or from a directory `md4 export` wrote, wherever
 --workdir is taken. Without --config, eval, sample, export and info --workdir use the config the
@@ -58,11 +61,11 @@ else:
   CONFIG_ROOT = pathlib.Path(__file__).resolve().parent / "configs"
   sys.modules.setdefault("configs", importlib.import_module("md4.configs"))
 
-COMMANDS = ("train", "eval", "sample", "info", "convert", "export", "prepare")
+COMMANDS = ("train", "eval", "sample", "info", "convert", "export", "prepare", "compile")
 # Commands that read a model from --workdir (info only when --workdir is given), and those that run
 # in one process (no distributed set-up).
 READS_MODEL = ("eval", "sample", "export")
-SINGLE_PROCESS = ("info", "convert", "export")
+SINGLE_PROCESS = ("info", "convert", "export", "compile")
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", str(CONFIG_ROOT / "demo.py"),
@@ -133,6 +136,11 @@ _SEQ_LENGTH = flags.DEFINE_integer("seq_length", None, "prepare: tokens per pack
 _HELDOUT = flags.DEFINE_float("heldout_fraction", None,
                               "prepare: fraction of documents held out for evaluation (0.005).")
 _SPLIT_SEED = flags.DEFINE_integer("split_seed", None, "prepare: seed of the held-out split (0).")
+_TOPOLOGY = flags.DEFINE_string(
+    "topology", None, "compile: the slice, a Cloud TPU accelerator type (v5e-8, v4-8, v5p-128, "
+    "v6e-8, ...) or h100, h100-8.")
+_FIT = flags.DEFINE_bool("fit", False, "compile: search remat, gradient accumulation and FSDP "
+                         "degree for the fastest setting that fits, and print its overrides.")
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "train/eval/sample as several processes: process 0's HOST:PORT "
     "(default: from SLURM / the TPU slice, if any; see launch/README.md).")
@@ -183,6 +191,9 @@ def main(argv):
   workdir = paths.resolve(_WORKDIR.value or _default_workdir())
   errors = failures.ErrorLog(workdir, f"md4 {command}")
   errors.capture_background_errors()
+  if command == "compile":  # Traced on this host's CPU, compiled for a slice that is not attached.
+    from md4 import aot
+    aot.prepare_environment()
   try:
     if command not in SINGLE_PROCESS:
       # Several processes (flags, SLURM, a TPU slice): join them before anything touches a device.
@@ -195,7 +206,8 @@ def main(argv):
     if cfg is None:
       cfg = _config(model_dir)
       _check_request(command, cfg)
-    _check(cfg, model_dir)
+    if command != "compile":  # md4 compile checks the config against the slice's devices.
+      _check(cfg, model_dir)
     _run_command(command, cfg, workdir, model_dir)
   except (ValueError, FloatingPointError) as e:  # md4's own messages: complete in one line.
     _exit(command, str(e), e)
@@ -303,6 +315,11 @@ def _run_command(command, cfg, workdir, model_dir) -> None:
                    mdlm=paths.resolve_optional(_FROM_MDLM.value))
   elif command == "export":
     models.export(cfg, model_dir, _TO.value, _PARAMS.value)
+  elif command == "compile":
+    from md4 import aot
+    if not _TOPOLOGY.value:
+      raise ValueError("--topology=SLICE is required (e.g. v5e-8, v5p-8, h100)")
+    aot.run(cfg, _TOPOLOGY.value, _FIT.value, _config_spec())
 
 
 def _check(cfg, model_dir) -> None:
@@ -356,6 +373,8 @@ def _parse_flags(argv: list[str]) -> list[str]:
 
 
 def run():
+  from md4 import aot
+  aot.quiet_libtpu_without_tpu()
   app.run(main, flags_parser=_parse_flags)
 
 
