@@ -3,18 +3,17 @@
 The training step, the evaluation step and the sampler's network call are lowered from shapes alone
 (nothing is allocated) onto a mesh of the slice's devices, as jax describes them without the
 hardware (jax.experimental.topologies: libtpu for a TPU slice, jax's CUDA plugin for an NVIDIA
-GPU), and compiled by that accelerator's compiler on this host. XLA then says, per chip: memory
-(`memory_analysis`), FLOPs and bytes accessed (`cost_analysis`), and the collectives in the
-compiled program (`collective_bytes`, read from its HLO text). From those and the chip's published
-peaks (md4/chips.py) comes a roofline estimate of the step time: the slowest of FLOPs / peak bf16
-FLOP/s, bytes accessed / HBM bandwidth and collective bytes / inter-chip bandwidth. It is a lower
-bound on the time, a prediction; nothing here runs on an accelerator.
+GPU), and compiled by that accelerator's compiler on this host. Per chip, XLA's memory analysis
+gives the memory; the compiled program's HLO text gives the FLOPs of its matrix products, the bytes
+it moves to and from memory and between chips (md4/hlo.py, counting loops by their trip counts,
+which XLA's own cost analysis does not). From those and the chip's published peaks (md4/chips.py)
+comes a roofline estimate of the step time: the slowest of FLOPs / peak bf16 FLOP/s, bytes accessed
+/ HBM bandwidth and collective bytes / inter-chip bandwidth. It is a lower bound on the time, a
+prediction; nothing here runs on an accelerator.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import importlib.util
 import math
 import os
@@ -22,7 +21,7 @@ import re
 import time
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
-from md4 import chips
+from md4 import chips, hlo
 
 if TYPE_CHECKING:  # Importing the config imports jax, which prepare_environment must precede.
   from md4.config import Config
@@ -106,74 +105,11 @@ def slice_devices(sl: chips.Slice) -> list:
 
 # ------------------------------------------------------------------------------ measuring
 
-_COLLECTIVE = re.compile(
-    r"=\s*(.+?)\s+(all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute|"
-    r"collective-broadcast|ragged-all-to-all)(-start)?\(")
-_ARRAY = re.compile(r"\b(pred|[suf]\d+|bf16|f8e\w+|c64|c128)\[([\d,]*)\]")
-_HEADER = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s*\(.*\)\s*->.*\{\s*$")
-_CALLEE = re.compile(r"\b(?:calls|body|condition|to_apply|branch_computations)=\{?([^,}\s]+(?:,"
-                     r"\s*%[\w.\-]+)*)\}?")
-_TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
-_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4,
-          "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
-
-
-def _array_bytes(type_text: str) -> list[int]:
-  out = []
-  for dtype, dims in _ARRAY.findall(type_text):
-    size = _BYTES.get(dtype, 1)
-    out.append(size * math.prod(int(d) for d in dims.split(",") if d))
-  return out
-
-
-def collective_bytes(hlo_text: str) -> float:
-  """Bytes of the results of every collective in a compiled HLO module, per device, each loop body
-  counted as many times as its known trip count: what the step moves between chips.
-
-  An asynchronous collective counts once, at its -start (whose tuple holds the operand, then the
-  result); a collective-permute is one step of a ring (XLA:TPU builds reduce-scatters from them),
-  so its bytes are those it sends.
-  """
-  computations: dict[str, list[str]] = {}
-  name, entry = None, None
-  for line in hlo_text.splitlines():
-    header = _HEADER.match(line)
-    if header:
-      name = header.group(1)
-      computations[name] = []
-      if line.startswith("ENTRY"):
-        entry = name
-    elif name is not None:
-      computations[name].append(line)
-
-  @functools.lru_cache(maxsize=None)
-  def total(comp: str) -> float:
-    result = 0.0
-    for line in computations.get(comp, ()):
-      match = _COLLECTIVE.search(line)
-      if match:
-        sizes = _array_bytes(match.group(1))
-        if match.group(3) and match.group(1).startswith("(") and len(sizes) > 1:
-          result += sizes[1]
-        else:
-          result += sum(sizes)
-      repeat = 1
-      if " while(" in line:
-        trips = _TRIP_COUNT.search(line)
-        repeat = int(trips.group(1)) if trips else 1
-      for callees in _CALLEE.findall(line):
-        for callee in callees.split(","):
-          callee = callee.strip().lstrip("%")
-          if callee in computations and callee != comp:
-            body = "body=" in line and re.search(rf"body=%?{re.escape(callee)}\b", line)
-            result += (repeat if body else 1) * total(callee)
-    return result
-
-  return total(entry) if entry else 0.0
-
 
 class Measured(NamedTuple):
-  """One compiled computation, per chip (bytes, FLOPs); compile_s: seconds to lower and compile."""
+  """One compiled computation, per chip: memory from XLA's memory analysis, FLOPs, bytes accessed
+  and collective bytes counted from the compiled HLO (md4/hlo.py); compile_s: seconds to lower and
+  compile."""
   what: str
   argument_bytes: int
   output_bytes: int
@@ -230,12 +166,6 @@ def _arg_bytes(args) -> int:
   import jax  # pylint: disable=g-import-not-at-top
   return sum(math.prod(a.sharding.shard_shape(a.shape)) * a.dtype.itemsize
              for a in jax.tree.leaves(args))
-
-
-def _cost(analysis) -> dict:
-  if isinstance(analysis, list):
-    analysis = analysis[0] if analysis else None
-  return analysis or {}
 
 
 # ------------------------------------------------------------------------- the three steps
@@ -306,14 +236,14 @@ def measure(setup, build: Callable) -> Measured:
   """The computation build(setup) -> (name, jitted, args) lowered and compiled for setup's mesh;
   bytes and FLOPs per device.
 
-  The GPU compiler gives no cost analysis: there the FLOPs are XLA's count of the same computation
-  lowered for one CPU device (before optimisation, so without rematerialisation's recomputation
-  where XLA would add it), over the number of devices, and no bytes accessed are known.
+  On a GPU the FLOPs are counted in the computation before optimisation (over the number of
+  devices) and no bytes accessed are known: the compiled program calls cuBLAS for its products.
   """
   what, jitted, args = build(setup)
   start = time.perf_counter()
   try:
-    compiled = jitted.lower(*args).compile()
+    lowered = jitted.lower(*args)
+    compiled = lowered.compile()
   except Exception as e:  # pylint: disable=broad-except
     needed = exhausted_bytes(str(e))
     if needed is None:
@@ -323,17 +253,16 @@ def measure(setup, build: Callable) -> Measured:
                     time.perf_counter() - start, refused=True)
   seconds = time.perf_counter() - start
   mem = compiled.memory_analysis()
-  cost = _cost(compiled.cost_analysis())
-  flops, accessed = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
-  if not cost:
-    import jax  # pylint: disable=g-import-not-at-top
-    one = dataclasses.replace(setup.cfg, train=dataclasses.replace(setup.cfg.train, mesh_fsdp=1))
-    _, cpu_jitted, cpu_args = build(make_setup(one, jax.devices("cpu")[:1]))
-    flops = float(_cost(cpu_jitted.lower(*cpu_args).cost_analysis()).get("flops", 0.0))
-    flops /= setup.mesh.size
+  costs = hlo.costs(compiled.as_text())
+  flops, accessed = costs.flops, costs.bytes_accessed
+  if setup.mesh.devices.flat[0].platform == "gpu":
+    # The GPU compiler turns matrix products into library calls (cuBLAS), which the HLO does not
+    # size: count them before optimisation, in the whole (unpartitioned) computation.
+    flops = hlo.costs(lowered.compiler_ir("hlo").as_hlo_text()).flops / setup.mesh.size
+    accessed = 0.0
   return Measured(what, mem.argument_size_in_bytes, mem.output_size_in_bytes,
                   mem.alias_size_in_bytes, mem.temp_size_in_bytes, flops, accessed,
-                  collective_bytes(compiled.as_text()), seconds)
+                  costs.collective_bytes, seconds)
 
 
 class Compiled(NamedTuple):

@@ -7,13 +7,14 @@ sets the per-chip microbatch) and the FSDP degree (train.mesh_fsdp). The global 
 attention kernel, logits chunk). "Fastest" is by the roofline estimate of md4/aot.py.
 
 A compile of a paper-size step takes minutes, so the search does not sweep. Memory is close to
-affine in the per-chip microbatch b for a fixed policy and mesh, so for each policy, in order of
-increasing recomputation (none, dots, dots_no_batch, attention_and_mlp, full), and with the state
-sharded over every chip:
+affine in the per-chip microbatch b for a fixed policy and mesh, so for each policy (`POLICIES`,
+in order of increasing recomputation) with the state sharded over every chip:
   1. compile b = the whole per-chip batch (no accumulation); if it fits, this policy needs no
      accumulation and no heavier policy can be faster: the search of policies stops here;
-  2. else compile b = 1/8 of it (or the least divisor), draw the line through the two totals and
-     take the largest b the line says fits;
+  2. else compile b = 1/8 of it (or the least divisor), and draw the line through the two totals
+     (through b and 2b instead when the compiler refused the whole batch: it then reports only part
+     of what it would need, and near the chip's limit it rematerialises on its own), taking the
+     largest b the line says fits;
   3. compile that b to check it (stepping down while the check fails).
 Then, for the fastest of these, the smallest FSDP degree whose predicted total fits (the state
 and the gradient grow by what sharding them saved, computed from shapes) is compiled to check,
@@ -30,8 +31,10 @@ from md4 import aot, chips
 from md4.config import Config
 from md4.networks import remat as remat_lib
 
-# Policies in order of increasing recomputation in the backward pass.
-POLICIES = ("none", "dots", "dots_no_batch", "attention_and_mlp", "full")
+# Policies in order of increasing recomputation in the backward pass ("dots_no_batch" is left out:
+# with the splash kernel the transformer has no batched products for it to recompute, so it is
+# "dots"; in the image networks it recomputes the convolutions, as "full" does).
+POLICIES = ("none", "dots", "attention_and_mlp", "full")
 
 
 class Candidate(NamedTuple):
@@ -104,11 +107,22 @@ def search(cfg: Config, sl: chips.Slice, devices: list, log: Callable[[str], Non
     if small_b == per_chip:
       continue
     small = compile_(remat, small_b, n)
-    slope = (whole.measured.total_bytes - small.measured.total_bytes) / (per_chip - small_b)
+    if not fits(small):
+      continue
+    # A program larger than the chip is refused with a partial count, and near the limit XLA
+    # rematerialises on its own: draw the line through a second program that fits, if needed.
+    upper = whole
+    if whole.measured.refused and sizes.index(small_b) + 1 < sizes.index(per_chip):
+      upper = compile_(remat, sizes[sizes.index(small_b) + 1], n)
+      if not fits(upper):
+        found.append(small)
+        continue
+    upper_b = per_chip // upper.accum
+    slope = (upper.measured.total_bytes - small.measured.total_bytes) / (upper_b - small_b)
     predict = lambda b: small.measured.total_bytes + slope * (b - small_b)
     for b in reversed([b for b in sizes if b < per_chip and predict(b) <= budget]):
-      if b == small_b:
-        found.append(small)
+      if b in (small_b, upper_b):
+        found.append(small if b == small_b else upper)
         break
       check = compile_(remat, b, n)
       if fits(check):
