@@ -212,6 +212,52 @@ def _callees(inst: _Inst) -> list[str]:
   return names
 
 
+_SLICING = ("dynamic-slice", "slice", "gather")
+# XLA:TPU's custom calls that allocate, bitcast or bracket a collective: no memory traffic.
+_BOOKKEEPING = re.compile(r'custom_call_target="(AllocateBuffer|AsyncCollectiveStart|'
+                          r'AsyncCollectiveDone|ConcatBitcast|AssumeGatherIndicesInBound)"')
+
+
+def _traffic(inst: _Inst, types: dict[str, str], computations: dict[str, list[_Inst]]) -> float:
+  """Bytes an instruction run as a unit reads and writes: its operands and its result, except where
+  it reads part of an operand (a slice) or writes part of one in place (a dynamic-update-slice, as
+  each step of a loop does into the loop's stacked output), which count as that part only."""
+  operands = [_nbytes(types.get(o, "")) for o in inst.operands]
+  result = float(_nbytes(inst.type))
+  if inst.opcode.endswith("-start") and inst.type.startswith("("):
+    # An asynchronous copy or slice: its tuple holds the operand, the result and a context.
+    arrays = _arrays(inst.type)
+    return 2.0 * _BYTES.get(arrays[1][0], 1) * math.prod(arrays[1][1]) if len(arrays) > 1 else 0.0
+  if inst.opcode in _SLICING:
+    return 2.0 * result
+  if inst.opcode == "dynamic-update-slice" and len(operands) > 1:
+    return 2.0 * operands[1]
+  fused = re.search(r"calls=%?([\w.\-]+)", inst.attrs) if inst.opcode == "fusion" else None
+  body = computations.get(fused.group(1), []) if fused else []
+  if not body:
+    return result + sum(operands)
+  by_name = {i.name: i for i in body}
+  params = {i.name: int(i.args) for i in body if i.opcode == "parameter" and i.args.isdigit()}
+  users: dict[str, list[_Inst]] = {}
+  for i in body:
+    for o in i.operands:
+      users.setdefault(o, []).append(i)
+  root = body[-1]
+  outputs = [by_name[o] for o in root.operands] if root.opcode == "tuple" else [root]
+  for out in outputs:
+    if out.opcode == "dynamic-update-slice" and len(out.operands) > 1:
+      update = _nbytes(by_name[out.operands[1]].type) if out.operands[1] in by_name else 0
+      result -= _nbytes(out.type) - update
+      if out.operands[0] in params:
+        operands[params[out.operands[0]]] = 0
+  for name, index in params.items():
+    uses = users.get(name, [])
+    if uses and index < len(operands) and all(u.opcode in _SLICING and u.operands[0] == name
+                                              for u in uses):
+      operands[index] = min(operands[index], sum(_nbytes(u.type) for u in uses))
+  return result + sum(operands)
+
+
 def costs(text: str) -> Costs:
   """The per-device costs of a compiled HLO module (`compiled.as_text()`)."""
   computations, entry = _parse(text)
@@ -230,8 +276,9 @@ def costs(text: str) -> Costs:
           sizes = [_BYTES.get(d, 1) * math.prod(s) for d, s in _arrays(inst.type)]
           tuple_start = inst.opcode.endswith("-start") and inst.type.startswith("(")
           moved += sizes[1] if tuple_start and len(sizes) > 1 else sum(sizes)
-      elif top_level and inst.opcode not in _NO_TRAFFIC and not inst.opcode.endswith("-done"):
-        traffic += _nbytes(inst.type) + sum(_nbytes(types[o]) for o in inst.operands if o in types)
+      elif (top_level and inst.opcode not in _NO_TRAFFIC and not inst.opcode.endswith("-done")
+            and not _BOOKKEEPING.search(inst.attrs)):
+        traffic += _traffic(inst, types, computations)
       control = top_level and inst.opcode in ("while", "conditional", "call", "async-start")
       for callee in _callees(inst):
         if callee == name or callee not in computations:
