@@ -285,7 +285,7 @@ def make_setup(cfg: Config, devices: list):
   from md4 import sharding, train  # pylint: disable=g-import-not-at-top
   from md4.data import pipeline  # pylint: disable=g-import-not-at-top
   mesh = sharding.make_mesh(cfg.train.mesh_fsdp, devices)
-  return train.make_setup(cfg, pipeline.get_spec(cfg.data), mesh)
+  return train.make_setup(cfg, pipeline.config_spec(cfg), mesh)
 
 
 def compile_all(cfg: Config, devices: list) -> Compiled:
@@ -298,12 +298,19 @@ def compile_all(cfg: Config, devices: list) -> Compiled:
 
 
 def model_flops_per_step(cfg: Config) -> float:
-  """The network's forward and backward FLOPs for one global batch, counted by XLA without
-  rematerialisation (md4 info): the useful work, against which MFU is measured."""
+  """The FLOPs of the network's matrix products, forward and backward, for one global batch, as
+  md4/hlo.py counts them (the numerator of MFU, like the FLOPs of the table): without
+  rematerialisation and with XLA's attention, the useful work whatever the setting."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+
   from md4 import info  # pylint: disable=g-import-not-at-top
-  described = info.describe(cfg)
-  return (described.flops_per_token * described.passes_per_example
-          * described.spec.tokens_per_example * cfg.train.batch_size)
+  net = dict(cfg.model.net, remat="none")
+  if "attention_impl" in net:
+    net["attention_impl"] = "xla"
+  plain = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, net=net))
+  per_example = hlo.costs(info.network_grad(plain)[2].compiler_ir("hlo").as_hlo_text()).flops
+  passes = cfg.model.network_masks if cfg.model.state_dependent else 1
+  return per_example * passes * cfg.train.batch_size
 
 
 def gib(n: float) -> str:
@@ -371,7 +378,7 @@ def fit_line(cfg: Config, sl: chips.Slice, m: Measured) -> str:
 
 def _tokens_per_example(cfg: Config) -> int:
   from md4.data import pipeline  # pylint: disable=g-import-not-at-top
-  return pipeline.get_spec(cfg.data).tokens_per_example
+  return pipeline.config_spec(cfg).tokens_per_example
 
 
 def _libtpu_version(chip: chips.Chip) -> str:

@@ -41,7 +41,8 @@ class _Inst(NamedTuple):
   attrs: str
 
 
-_HEADER = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s*\(.*\)\s*->.*\{\s*$")
+# A computation's first line: "%name (params) -> type {" once compiled, "name {" before.
+_HEADER = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s*(?:\(.*\)\s*->.*)?\{\s*$")
 _DEF = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*")
 _ARRAY = re.compile(r"\b(pred|[suf]\d+|bf16|f8e\w+|c64|c128)\[([\d,]*)\]")
 _BYTES = {"pred": 1, "s4": 1, "u4": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
@@ -103,10 +104,15 @@ def _parse(text: str) -> tuple[dict[str, list[_Inst]], str | None]:
       if depth == 0:
         end = i
         break
-    operands = tuple(re.findall(r"%([\w.\-]+)", args[:end]))
+    # Operands are named with or without "%", and may carry their types inline.
+    operands = tuple(re.findall(r"%?([A-Za-z_][\w.\-]*)", args[:end]))
     computations[current].append(
         _Inst(definition.group(1), type_text, opcode.strip(), operands, args[:end],
               args[end + 1:]))
+  for name, insts in computations.items():
+    defined = {inst.name for inst in insts}
+    computations[name] = [inst._replace(operands=tuple(o for o in inst.operands if o in defined))
+                          for inst in insts]
   return computations, entry
 
 
@@ -141,12 +147,13 @@ def _matmul_flops(inst: _Inst, types: dict[str, str]) -> float:
   if inst.opcode == "custom-call":
     for prefix, products, length_axis in _ATTENTION_KERNELS:
       if inst.name.startswith(prefix) or f'"{prefix}' in inst.attrs:
-        # The output or gradient of q (or k): the result of rank 4 (or 3, one example) with the
-        # smallest minor dimension (the others are scratch, or the log-sum-exp padded to 128 lanes).
-        candidates = [shape for _, shape in result if len(shape) >= 3]
-        if not candidates:
+        # The output or gradient of q (or k): among the results of the highest rank (4, or 3 for one
+        # example), the one with the smallest minor dimension (the others are scratch buffers of
+        # lower rank, or the log-sum-exp padded to 128 lanes).
+        rank = max((len(shape) for _, shape in result), default=0)
+        if rank < 3:
           return 0.0
-        q = min(candidates, key=lambda shape: shape[-1])
+        q = min((shape for _, shape in result if len(shape) == rank), key=lambda shape: shape[-1])
         return products * 2.0 * math.prod(q) * q[length_axis]
   return 0.0
 

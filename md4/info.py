@@ -75,8 +75,9 @@ def transformer_weights_per_token(cfg: TransformerConfig) -> int:
   return cfg.num_layers * (4 * d * d + mlp) + d * cfg.vocab_size + cfg.embed_dim * d
 
 
-def describe(cfg: Config, spec: DatasetSpec | None = None) -> Info:
-  """Counts parameters and training FLOPs of cfg's model from shapes alone.
+def network_grad(cfg: Config, spec: DatasetSpec | None = None):
+  """(the network, its parameter shapes, the lowered gradient of a loss of its output on one
+  example): the network's forward and backward pass, lowered from shapes (nothing allocated).
 
   spec: the model's data (default: what the config describes, pipeline.config_spec).
   """
@@ -91,7 +92,17 @@ def describe(cfg: Config, spec: DatasetSpec | None = None) -> Info:
     logits = network.apply({"params": net_params}, z, t, cond=cond)
     return jnp.sum(jax.nn.log_softmax(logits)[..., 0])
 
-  cost = jax.jit(jax.grad(loss)).lower(params["net"], z, t, cond).cost_analysis()
+  return network, params, jax.jit(jax.grad(loss)).lower(params["net"], z, t, cond)
+
+
+def describe(cfg: Config, spec: DatasetSpec | None = None) -> Info:
+  """Counts parameters and training FLOPs of cfg's model from shapes alone.
+
+  spec: the model's data (default: what the config describes, pipeline.config_spec).
+  """
+  spec = pipeline.config_spec(cfg) if spec is None else spec
+  network, params, lowered = network_grad(cfg, spec)
+  cost = lowered.cost_analysis()
   tokens = spec.tokens_per_example
   formula = weights = None
   if isinstance(network.config, TransformerConfig):
