@@ -133,6 +133,15 @@ def constrain_batch(x: jax.Array) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, P(MESH_AXES))
 
 
+def gathered(tree: Any) -> Any:
+  """tree's arrays constrained to be whole on every device of the mesh in context: a parameter
+  split by FSDP is all-gathered where it is used (its gradient is reduce-scattered back)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or not set(MESH_AXES) <= set(mesh.axis_names):
+    return tree
+  return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, P()), tree)
+
+
 def in_mesh(fn: Callable, mesh: Mesh) -> Callable:
   """fn traced with `mesh` in context, so that constrain_batch (and the attention kernels that run
   per device) see it; wrap a function before jitting it."""

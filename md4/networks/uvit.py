@@ -29,7 +29,7 @@ from md4.networks.transformer import (
     check_positive,
     mlp_width,
 )
-from md4.networks.unet import ResNetEnds, check_image_inputs
+from md4.networks.unet import Conv, ResNetEnds, check_image_inputs
 
 Array = jax.Array
 
@@ -186,7 +186,7 @@ class UViT(nn.Module):
     ends = ResNetEnds(cfg, train, "norm")
     h = ends.down(z, c)
 
-    patches = nn.Conv(cfg.d_model, (p, p), strides=p, padding="VALID", dtype=cfg.dtype,
+    patches = Conv(cfg.d_model, (p, p), strides=p, padding="VALID", dtype=cfg.dtype,
                       name="patch_embed")(h)
     b, hp, wp, _ = patches.shape
     table = self.param("pos_embed", lambda key, shape: jnp.asarray(
