@@ -46,6 +46,14 @@ PARAM_AXES: tuple[tuple[str, tuple[str, ...]], ...] = (
     (r"final/proj/kernel$", ("embed", "vocab")),
     (r"patch_out/proj/kernel$", ("embed", "patch")),
     (r"pos_embed$", ("length", "embed")),
+    # MDLM's DIT (md4/networks/dit.py).
+    (r"vocab_embed$", ("vocab", "embed")),
+    (r"attn_qkv/kernel$", ("embed", "qkv")),
+    (r"attn_out/kernel$", ("qkv", "embed")),
+    (r"mlp_0/kernel$", ("embed", "mlp")),
+    (r"mlp_2/kernel$", ("mlp", "embed")),
+    (r"output_linear/kernel$", ("embed", "vocab")),
+    (r"sigma_map_\d/kernel$", ("cond", "cond")),
     # Conditioning MLP (time, class).
     (r"cond_embed/time_hidden/kernel$", ("cond", "embed")),
     (r"cond_embed/time_out/kernel$", ("embed", "cond")),
@@ -58,7 +66,8 @@ PARAM_AXES: tuple[tuple[str, tuple[str, ...]], ...] = (
 # divides it; otherwise it is replicated.
 LOGICAL_TO_MESH: Mapping[str, str | None] = {
     "embed": FSDP, "channels": FSDP,
-    "mlp": None, "heads": None, "head_dim": None, "vocab": None, "cond": None, "embed_in": None,
+    "mlp": None, "heads": None, "head_dim": None, "qkv": None, "vocab": None, "cond": None,
+    "embed_in": None,
     "patch": None, "length": None, "conv_h": None, "conv_w": None, "channels_in": None,
 }
 

@@ -18,7 +18,8 @@ from md4.data import pipeline
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = ["configs/demo.py", "configs/mnist_demo.py", "configs/md4/text8.py",
            "configs/md4/openwebtext.py", "configs/md4/cifar10.py", "configs/md4/imagenet64.py",
-           "configs/genmd4/text8.py", "configs/genmd4/openwebtext.py"]
+           "configs/genmd4/text8.py", "configs/genmd4/openwebtext.py",
+           "configs/mdlm/openwebtext.py"]
 
 
 def _params(path):
@@ -33,8 +34,9 @@ def _params(path):
 @pytest.mark.parametrize("path", CONFIGS)
 def test_every_matrix_has_logical_axes_and_fsdp_divides_the_state(path):
   """Each parameter of two or more dimensions matches a rule of sharding.PARAM_AXES, and with
-  fsdp = 8 a device holds at most 1/8 of the parameters plus 1% (what stays replicated: biases,
-  norms, tables whose sharded dimension 8 does not divide)."""
+  fsdp = 8 a device holds at most 1/8 of the parameters plus what stays replicated (biases,
+  norms, tables whose sharded dimension 8 does not divide): under 1% of a paper-size model, under
+  3% of the demos' (their norms weigh more)."""
   params = _params(path)
   total = per_device = 0
   for key_path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
@@ -46,7 +48,8 @@ def test_every_matrix_has_logical_axes_and_fsdp_divides_the_state(path):
              zip(leaf.shape, tuple(spec) + (None,) * leaf.ndim)]
     total += math.prod(leaf.shape)
     per_device += math.prod(shard)
-  assert per_device <= total / 8 + 0.01 * total, (path, per_device / total)
+  replicated = 0.03 if "demo" in path else 0.01
+  assert per_device <= total / 8 + replicated * total, (path, per_device / total)
 
 
 def test_a_rule_with_the_wrong_number_of_axes_is_an_error():

@@ -42,6 +42,7 @@ import jax.numpy as jnp
 
 from jax.ad_checkpoint import checkpoint_name
 
+from md4 import sharding
 from md4.networks import attention, remat
 from md4.networks.transformer import canonical_dtype, check_inputs, check_positive
 
@@ -209,7 +210,9 @@ class DIT(nn.Module):
     v1 = cfg.vocab_size + 1
     embedding = self.param("vocab_embed", nn.initializers.variance_scaling(
         1.0 / 3.0, "fan_in", "uniform", in_axis=1, out_axis=0), (v1, cfg.d_model), jnp.float32)
-    x = jnp.take(jnp.asarray(embedding), z, axis=0)
+    # Split along the batch, so that XLA does not follow the parameters' split of the width into
+    # the activations (md4/sharding.py).
+    x = sharding.constrain_batch(jnp.take(jnp.asarray(embedding), z, axis=0))
     sigma = t if cfg.time_conditioning else jnp.zeros_like(t)
     h = nn.Dense(cfg.cond_dim, dtype=cfg.dtype, kernel_init=_TORCH_LINEAR,
                  name="sigma_map_0")(timestep_embedding(sigma))
@@ -220,6 +223,7 @@ class DIT(nn.Module):
     block = remat.remat_class(Block, cfg.remat)
     for i in range(cfg.num_layers):
       x = block(cfg, deterministic=not train, name=f"blocks_{i}")(x, c, positions)
+      x = sharding.constrain_batch(x)
     mod = nn.Dense(2 * cfg.d_model, dtype=cfg.dtype, kernel_init=nn.initializers.zeros,
                    name="final_adaLN_modulation")(c).astype(jnp.float32)
     shift, scale = jnp.split(mod, 2, axis=-1)
