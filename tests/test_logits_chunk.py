@@ -52,8 +52,12 @@ def test_chunked_bound_equals_the_whole_logits_bound_in_value_and_gradient(kind)
   w.r.t. every parameter (network and GenMD4's exponents) agree to float32 rounding with chunks
   of 4 positions (4 chunks) and the whole logits."""
   params = _params()
-  value_and_grad = lambda chunk: jax.jit(jax.value_and_grad(
-      lambda p: (_loss(p, chunk, kind).sum(), _loss(p, chunk, kind)), has_aux=True))(params)
+  def sum_and_values(p, chunk):
+    values = _loss(p, chunk, kind)
+    return values.sum(), values
+
+  value_and_grad = lambda chunk: jax.jit(jax.value_and_grad(sum_and_values, has_aux=True),
+                                         static_argnums=1)(params, chunk)
   (_, whole), g_whole = value_and_grad(0)
   (_, chunked), g_chunked = value_and_grad(4)
   np.testing.assert_allclose(chunked, whole, rtol=1e-5)
