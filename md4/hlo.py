@@ -56,10 +56,11 @@ _NO_TRAFFIC = {"parameter", "constant", "tuple", "get-tuple-element", "bitcast",
 # Attention kernels: (name prefix, matrix products of L x L x H per head and example, the axis of L
 # in their q-shaped result). Splash (md4/networks/attention.py, [..., heads, L, H]): the forward's
 # q k^T and p v, dq's three and dkv's four with the scores recomputed. cuDNN's fused attention
-# ([B, L, heads, H]): the forward's two, the backward's five.
+# (its results are [B, heads, L, H], whatever the layout puts outermost): the forward's two, the
+# backward's five.
 _ATTENTION_KERNELS = (("splash_mha_fwd", 2, -2), ("splash_mha_dq", 3, -2),
-                      ("splash_mha_dkv", 4, -2), ("__cudnn$fmhaSoftmaxBackward", 5, -3),
-                      ("__cudnn$fmhaSoftmax", 2, -3))
+                      ("splash_mha_dkv", 4, -2), ("__cudnn$fmhaSoftmaxBackward", 5, -2),
+                      ("__cudnn$fmhaSoftmax", 2, -2))
 
 
 def _arrays(type_text: str) -> list[tuple[str, tuple[int, ...]]]:

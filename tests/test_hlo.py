@@ -62,3 +62,21 @@ def test_matrix_product_flops_of_a_compiled_program_count_every_trip(platform):
   assert costs.bytes_accessed >= 4 * (64 * 64 + 4 * 64 * 64)  # At least the inputs are read.
   if platform == "cpu":
     assert compiled.cost_analysis()["flops"] < EXPECTED_FLOPS  # The loop counted once.
+
+
+# cuDNN's attention as the GPU step lowers it (md4/networks/attention.py, impl="cudnn"): results
+# [B=2, heads=3, L=128, H=8] (the layout {3,1,2,0} stores L outside heads; the shape is logical).
+CUDNN_HLO = """HloModule step
+
+ENTRY %main (q: bf16[2,128,3,8]) -> bf16[2,3,128,8] {
+  %q = bf16[2,128,3,8]{3,2,1,0} parameter(0)
+  %fwd = (bf16[2,3,128,8]{3,1,2,0}, f32[2,3,128]{2,1,0}, u8[0]{0}) custom-call(%q, %q, %q), custom_call_target="__cudnn$fmhaSoftmax"
+  %bwd = (bf16[2,3,128,8]{3,1,2,0}, bf16[2,3,128,8]{3,1,2,0}, bf16[2,3,128,8]{3,1,2,0}, u8[0]{0}) custom-call(%q, %q, %q, %q, %q), custom_call_target="__cudnn$fmhaSoftmaxBackward"
+  ROOT %o = bf16[2,3,128,8]{3,1,2,0} get-tuple-element(%fwd), index=0
+}
+"""
+
+
+def test_cudnn_attention_flops_are_those_of_its_products():
+  """Forward q k^T and p v, backward five products, each 2 L L H per head and example."""
+  assert hlo.costs(CUDNN_HLO).flops == (2 + 5) * 2 * 2 * 3 * 128 * 128 * 8
