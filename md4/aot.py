@@ -350,8 +350,8 @@ def render(cfg: Config, sl: chips.Slice, compiled: Compiled, model_flops: float)
         f"{m.compile_s:.0f} | {est.seconds * 1e3:.4g} | {est.bound} |")
   lines.append("")
   if chip.platform == "cuda":
-    lines.append("(the GPU compiler gives no cost analysis: FLOPs are XLA's count of the same "
-                 "computation lowered for one CPU device, per GPU; the HBM roof is left out)")
+    lines.append("(the GPU compiler gives no cost analysis: FLOPs are counted in the computation "
+                 "before optimisation, over the GPUs; the HBM roof is left out)")
   if not compiled.train.refused:
     est = roofline(compiled.train, chip)
     tokens = t.batch_size * _tokens_per_example(cfg)
