@@ -11,17 +11,9 @@ import numpy as np
 import pytest
 
 from md4.networks import NETWORKS, build_network
-from md4.networks.transformer import (
-    Mlp,
-    SelfAttention,
-    Transformer,
-    TransformerConfig,
-    apply_rope,
-    branch_dropout,
-    mlp_width,
-    project_features,
-    rope_angles,
-)
+from md4.networks.blocks import Mlp, SelfAttention, mlp_width
+from md4.networks.layers import apply_rope, branch_dropout, rope_angles
+from md4.networks.transformer import Transformer, TransformerConfig, project_features
 from md4.networks.uvit import depth_to_space, sincos_position_table
 
 TEXT_VOCAB = 11

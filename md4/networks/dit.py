@@ -44,7 +44,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from md4 import sharding
 from md4.networks import attention, remat
-from md4.networks.transformer import canonical_dtype, check_inputs, check_positive
+from md4.networks.layers import canonical_dtype, check_inputs, check_positive
 
 Array = jax.Array
 

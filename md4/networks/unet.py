@@ -25,7 +25,7 @@ from md4.networks import attention, remat
 # where it is used: XLA:TPU otherwise splits the convolution by that split and lays out the
 # activations around it, which took the MNIST UNet's temporaries from 260 to 584 MiB per chip.
 Conv = nn.map_variables(nn.Conv, "params", trans_in_fn=sharding.gathered, init=True)
-from md4.networks.transformer import (
+from md4.networks.layers import (
     ConditionEmbedding,
     check_common_fields,
     check_inputs,
@@ -139,7 +139,7 @@ class AttentionBlock(nn.Module):
     num_heads: attention heads.
     norm_groups: GroupNorm groups.
     dtype: compute dtype.
-    attention_impl: see transformer.SelfAttention.
+    attention_impl: see blocks.SelfAttention.
   """
 
   num_heads: int

@@ -19,15 +19,12 @@ import numpy as np
 
 from md4 import sharding
 from md4.networks import remat
-from md4.networks.transformer import (
-    BlockSpec,
+from md4.networks.blocks import BlockSpec, FinalLayer, block_class, mlp_width
+from md4.networks.layers import (
     ConditionEmbedding,
-    FinalLayer,
-    block_class,
     check_common_fields,
     check_inputs,
     check_positive,
-    mlp_width,
 )
 from md4.networks.unet import Conv, ResNetEnds, check_image_inputs
 
