@@ -21,10 +21,6 @@ import jax.numpy as jnp
 from md4 import sharding
 from md4.networks import attention, remat
 
-# nn.Conv whose kernel (split along its output channels by FSDP, md4/sharding.py) is gathered whole
-# where it is used: XLA:TPU otherwise splits the convolution by that split and lays out the
-# activations around it, which took the MNIST UNet's temporaries from 260 to 584 MiB per chip.
-Conv = nn.map_variables(nn.Conv, "params", trans_in_fn=sharding.gathered, init=True)
 from md4.networks.layers import (
     ConditionEmbedding,
     check_common_fields,
@@ -33,6 +29,12 @@ from md4.networks.layers import (
 )
 
 Array = jax.Array
+
+# nn.Conv whose kernel (split along its output channels by FSDP, md4/sharding.py) is gathered whole
+# where it is used: XLA:TPU otherwise splits the convolution by that split and lays out the
+# activations around it, which took the MNIST UNet's temporaries from 260 to 584 MiB per chip.
+Conv = nn.map_variables(nn.Conv, "params", trans_in_fn=sharding.gathered, init=True)
+
 
 def check_image_inputs(z: Array, num_channels: int) -> None:
   """Raises ValueError unless z (already known to be rank 4) has num_channels channels."""
