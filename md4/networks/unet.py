@@ -20,7 +20,6 @@ import jax.numpy as jnp
 
 from md4 import sharding
 from md4.networks import attention, remat
-
 from md4.networks.layers import (
     ConditionEmbedding,
     check_common_fields,
