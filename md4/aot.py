@@ -317,6 +317,25 @@ def gib(n: float) -> str:
   return f"{n / GiB:.2f}"
 
 
+def _attention_label(cfg: Config, chip: chips.Chip) -> str:
+  """The attention_impl the config names, or what its default (None) runs on the chip."""
+  net = cfg.model.net
+  impl = net.get("attention_impl")
+  if net.get("attention_dropout") and net.get("dropout_rate"):
+    # Dropout on the probabilities needs them whole: the training step forms them explicitly.
+    return f"{impl or 'default'} (explicit probabilities under attention dropout in training)"
+  if impl is not None:
+    return impl
+  if cfg.model.network not in ("transformer", "dit"):  # Sequences of patches or pixels.
+    return "the backend's default"
+  from md4.networks import attention  # pylint: disable=g-import-not-at-top
+  platform = "gpu" if chip.platform == "cuda" else chip.platform
+  capability = 9.0 if chip.name.startswith("NVIDIA H100") else None
+  return "default: " + attention.default_impl(
+      platform, cfg.train.compute_dtype, net["d_model"] // net["num_heads"], capability,
+      cfg.data.seq_length)
+
+
 def render(cfg: Config, sl: chips.Slice, compiled: Compiled, model_flops: float) -> str:
   """The report `md4 compile` prints: a table per chip, then the training step's estimate."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -331,7 +350,7 @@ def render(cfg: Config, sl: chips.Slice, compiled: Compiled, model_flops: float)
       + (f", {t.grad_accum_steps} microbatches of {per_chip // t.grad_accum_steps}"
          if t.grad_accum_steps > 1 else "")
       + f"), {t.compute_dtype}, remat {cfg.model.net.get('remat', 'none')}, mesh_fsdp "
-      f"{t.mesh_fsdp}, attention {cfg.model.net.get('attention_impl')}, logits_chunk "
+      f"{t.mesh_fsdp}, attention {_attention_label(cfg, chip)}, logits_chunk "
       f"{cfg.model.logits_chunk}",
       f"state per chip (parameters, Adam moments, EMA): {gib(compiled.state_bytes)} GiB",
       "",

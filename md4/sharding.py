@@ -165,16 +165,16 @@ def in_mesh(fn: Callable, mesh: Mesh) -> Callable:
 
 def per_device(fn: Callable) -> Callable:
   """fn(*arrays) applied to each device's slice of the batch (dimension 0 of every argument and
-  result), through shard_map over the mesh in context (`in_mesh`); fn itself when there is no such
-  mesh or a batch does not divide evenly. For kernels that XLA cannot partition (Pallas)."""
+  result), through shard_map over the mesh in context (`in_mesh`); to the whole batch on every
+  device when it does not divide over them; fn itself when there is no such mesh. For kernels
+  that XLA cannot partition (Pallas)."""
 
   def mapped(*args):
     mesh = jax.sharding.get_abstract_mesh()
-    if (mesh.empty or not set(MESH_AXES) <= set(mesh.axis_names)
-        or any(a.shape[0] % mesh.size for a in args)):
+    if mesh.empty or not set(MESH_AXES) <= set(mesh.axis_names):
       return fn(*args)
-    return jax.shard_map(fn, mesh=mesh, in_specs=P(MESH_AXES), out_specs=P(MESH_AXES),
-                         check_vma=False)(*args)
+    spec = P(MESH_AXES) if all(a.shape[0] % mesh.size == 0 for a in args) else P()
+    return jax.shard_map(fn, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False)(*args)
 
   return mapped
 

@@ -59,6 +59,16 @@ def test_tiny_config_compiles_for_a_tpu_slice_and_fsdp_costs_what_data_paralleli
   assert line.startswith("fits: 0.0")
 
 
+def test_splash_kernel_compiles_for_a_sampler_batch_that_does_not_divide_over_the_chips():
+  """A Pallas kernel cannot be partitioned by XLA: the sampler's 2 sequences on 8 chips run it
+  whole on each chip (sharding.per_device), instead of failing to compile."""
+  cfg = _tiny_owt(batch_size=8)
+  cfg = dataclasses.replace(cfg, sample=dataclasses.replace(cfg.sample, num_samples=2))
+  compiled = aot.compile_all(cfg, aot.slice_devices(chips.get_slice("v5e-8")))
+  for m in (compiled.train, compiled.eval, compiled.sample):
+    assert not m.refused and m.flops > 0, m
+
+
 def test_slice_names_and_their_topologies():
   assert chips.get_slice("v5e-8").topology == "v5e:2x4"
   assert chips.get_slice("v5litepod-8").num_chips == 8
