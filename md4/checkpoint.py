@@ -56,7 +56,7 @@ _ITEMS = ("state", "data", "meta")
 SET_ASIDE_DIR = "checkpoints_set_aside"
 # What Orbax names the directory of a save in progress: "<step>.orbax-checkpoint-tmp".
 PARTIAL_SUFFIX = ".orbax-checkpoint-tmp"
-_REMOVE_TRIES = 10  # Over ~5 s.
+_REMOVE_TRIES, _SETTLE_S = 40, 0.25  # At most ~10 s.
 _FIELDS = tuple(f.name for f in dataclasses.fields(TrainState))
 
 
@@ -138,15 +138,21 @@ class Checkpointer:
       return "process 0 removes what it had written"
     if not os.path.exists(path):
       return "nothing of it is left on disk"
-    for attempt in range(_REMOVE_TRIES):
+    # Writes the failed save had already handed to TensorStore's threads still land after the
+    # exception, recreating the directory: remove it until it has stayed absent for two looks.
+    error, absent = None, 0
+    for _ in range(_REMOVE_TRIES):
       try:
-        shutil.rmtree(path)
-        return f"its partial directory {path} was removed"
-      except OSError as e:  # Writes of the failed save may still be landing in it: wait, retry.
+        if os.path.exists(path):
+          shutil.rmtree(path)
+      except OSError as e:
         error = e
-        time.sleep(0.1 * (attempt + 1))
-    return (f"its partial directory {path} could not be removed ({describe(error)}): the next md4 "
-            "train removes it")
+      time.sleep(_SETTLE_S)
+      absent = absent + 1 if not os.path.exists(path) else 0
+      if absent == 2:
+        return f"its partial directory {path} was removed"
+    cause = f" ({describe(error)})" if error else " (writes of the failed save kept landing in it)"
+    return f"its partial directory {path} could not be removed{cause}: the next md4 train removes it"
 
   def remove_partial_saves(self) -> list[str]:
     """Removes the temporary directories that killed saves left (process 0; call it only while
