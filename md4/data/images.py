@@ -30,8 +30,6 @@ import tensorflow_datasets as tfds
 
 from md4.data import base, pixels
 
-_IMAGENET32_TARS = ("train_32x32.tar", "valid_32x32.tar")
-_IMAGENET64_TARS = ("train_64x64.tar", "valid_64x64.tar")
 _IMAGENET64_RESIZED_ZIPS = ("Imagenet64_train_part1_npz.zip", "Imagenet64_train_part2_npz.zip",
                             "Imagenet64_val_npz.zip")
 
@@ -49,29 +47,29 @@ class ImageSource:
   manual_instructions: str = ""
 
 
+def _downsampled_imagenet(side: int, train_size: str, valid_size: str) -> ImageSource:
+  """The downsampled ImageNet of van den Oord et al. (2016) at side x side, from its two tars.
+
+  The validation images are the test set of the generative-modelling literature (the paper's
+  bits/dim on ImageNet 64x64 are on them), so both "test" and "valid" read them.
+  """
+  train, valid = f"train_{side}x{side}.tar", f"valid_{side}x{side}.tar"
+  return ImageSource(
+      f"downsampled_imagenet/{side}x{side}", (side, side, 3), 0,
+      {"test": "validation", "valid": "validation"},
+      manual_files=(train, valid),
+      manual_instructions=(
+          f"download {train} ({train_size}) and {valid} ({valid_size}), the downsampled "
+          f"ImageNet {side}x{side} of van den Oord et al. (2016) that tfds registers at "
+          "http://image-net.org/small/ with their sha256, into one folder and pass it as "
+          "manual_dir"))
+
+
 SOURCES: dict[str, ImageSource] = {
     # CIFAR-10 has no validation split: "valid" is the test split, as for ImageSet.
     "cifar10": ImageSource("cifar10", (32, 32, 3), 10, {"test": "test", "valid": "test"}),
-    # The validation images are the test set of the generative-modelling literature (the paper's
-    # bits/dim on ImageNet 64x64 are on them), so both "test" and "valid" read them.
-    "imagenet32": ImageSource(
-        "downsampled_imagenet/32x32", (32, 32, 3), 0,
-        {"test": "validation", "valid": "validation"},
-        manual_files=_IMAGENET32_TARS,
-        manual_instructions=(
-            "download train_32x32.tar (4.1 GB) and valid_32x32.tar (161 MB), the downsampled "
-            "ImageNet 32x32 of van den Oord et al. (2016) that tfds registers at "
-            "http://image-net.org/small/ with their sha256, into one folder and pass it as "
-            "manual_dir")),
-    "imagenet64": ImageSource(
-        "downsampled_imagenet/64x64", (64, 64, 3), 0,
-        {"test": "validation", "valid": "validation"},
-        manual_files=_IMAGENET64_TARS,
-        manual_instructions=(
-            "download train_64x64.tar (12.1 GB) and valid_64x64.tar (477 MB), the downsampled "
-            "ImageNet 64x64 of van den Oord et al. (2016) that tfds registers at "
-            "http://image-net.org/small/ with their sha256, into one folder and pass it as "
-            "manual_dir")),
+    "imagenet32": _downsampled_imagenet(32, "4.1 GB", "161 MB"),
+    "imagenet64": _downsampled_imagenet(64, "12.1 GB", "477 MB"),
     # Not the paper's data: another resize, made for classification (bits/dim not comparable).
     "imagenet64_resized": ImageSource(
         "imagenet_resized/64x64", (64, 64, 3), 1000,
