@@ -273,12 +273,16 @@ class Compiled(NamedTuple):
   sample: Measured
 
 
-def compile_train(setup) -> tuple[Measured, int]:
-  """The training step's measures and the state one chip holds."""
+def state_bytes(setup) -> int:
+  """The state (parameters, optimizer moments, EMA) one chip holds, from shapes."""
   from md4 import sharding, train  # pylint: disable=g-import-not-at-top
   abstract = train.abstract_state(setup)
-  state = sharding.bytes_per_device(abstract, sharding.state_shardings(abstract, setup.mesh))
-  return measure(setup, _train_step), state
+  return sharding.bytes_per_device(abstract, sharding.state_shardings(abstract, setup.mesh))
+
+
+def compile_train(setup) -> tuple[Measured, int]:
+  """The training step's measures and the state one chip holds."""
+  return measure(setup, _train_step), state_bytes(setup)
 
 
 def make_setup(cfg: Config, devices: list):
@@ -288,9 +292,11 @@ def make_setup(cfg: Config, devices: list):
   return train.make_setup(cfg, pipeline.config_spec(cfg), mesh)
 
 
-def compile_all(cfg: Config, devices: list) -> Compiled:
+def compile_all(cfg: Config, devices: list, train: Measured | None = None) -> Compiled:
+  """The three computations of cfg; `train`: its training step's measures when already compiled
+  (by the --fit search), so that the step is not compiled a second time."""
   setup = make_setup(cfg, devices)
-  step, state = compile_train(setup)
+  step, state = compile_train(setup) if train is None else (train, state_bytes(setup))
   return Compiled(step, state, measure(setup, _eval_step), measure(setup, _sampler_call))
 
 
@@ -423,6 +429,7 @@ def run(cfg: Config, slice_name: str, fit: bool, config_name: str,
   devices = slice_devices(sl)
   log(f"md4 compile {config_name} for {sl.name} ({sl.topology}, {len(devices)} devices); "
       "compiling from shapes alone, nothing runs")
+  searched = None  # The chosen setting's training step, compiled by the search.
   if fit:
     from md4 import fit as fit_lib  # pylint: disable=g-import-not-at-top
     log(f"searching remat policy, gradient accumulation and FSDP degree for the fastest setting "
@@ -438,5 +445,6 @@ def run(cfg: Config, slice_name: str, fit: bool, config_name: str,
     best = result.best
     log(f"fastest that fits ({len(result.tried)} compiles): {best.overrides()}")
     cfg = fit_lib.with_settings(cfg, best.remat, best.accum, best.fsdp)
-  compiled = compile_all(cfg, devices)
+    searched = best.measured
+  compiled = compile_all(cfg, devices, searched)
   log(render(cfg, sl, compiled, model_flops_per_step(cfg)))
