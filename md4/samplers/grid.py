@@ -108,10 +108,31 @@ def reveal_step(key: Array, z: Array, logp: Array, r: Array, mask_id: int) -> Ar
   return jnp.where(reveal, token, z.reshape(b, n)).reshape(z.shape)
 
 
+def reveal_steps(rng: Array, init: Array, schedule: AnySchedule, mask_id: int,
+                 opts: SamplerOptions) -> Array:
+  """int32[B, N]: the step j on which each masked position of init: int32[B, *S] is revealed, the
+  first whose coin (u < r, from the step's unmasking key fold_in(rng, j) as in `_revealed`) comes
+  up; num_steps at the positions init keeps. The last step's r is 1, so every masked position
+  gets a step below num_steps."""
+  b, n = init.shape[0], math.prod(init.shape[1:])
+  grid = time_grid(opts.num_steps, opts.time_grid_kind)
+
+  def body(j, step):
+    i = opts.num_steps - j
+    r = step_probs(opts.method, schedule, grid[i], grid[i - 1])
+    k_unmask, _ = jax.random.split(jax.random.fold_in(rng, j))
+    u = fine_uniform(k_unmask, init.shape)[0].reshape(b, n)
+    return jnp.where((step == opts.num_steps) & (u < r), j, step)
+
+  unset = jnp.where(init.reshape(b, n) == mask_id, opts.num_steps, opts.num_steps + 1)
+  step = jax.lax.fori_loop(0, opts.num_steps, body, unset)
+  return jnp.minimum(step, opts.num_steps)
+
+
 def _sample_reveal_first(denoise_fn, rng, init, schedule, vocab_size, opts):
-  """ancestral, euler and mean for a state-independent schedule: the positions revealed first (one
-  coin each), then the network, read out at those positions only, skipped on a step where no row
-  reveals anything. num_calls counts the calls made.
+  """ancestral, euler and mean for a state-independent schedule: every position's reveal step is
+  drawn first (one coin per position and step, `reveal_steps`), then each row calls the network
+  only at its own steps that reveal something, read out at the positions they reveal.
 
   With a state-independent schedule, whether a masked position is revealed on the step from t to s
   does not depend on the network's output mu:
@@ -120,37 +141,45 @@ def _sample_reveal_first(denoise_fn, rng, init, schedule, vocab_size, opts):
       given that, v ~ mu.
     euler: the same with r = rate(t) (t - s), clipped to a probability (u < r for r >= 1 always).
     mean: v ~ mu and, independently, revealed with probability r (the ancestral r).
-  So the step's law is that of one coin per position, then a token from mu at each revealed
+  So the step's law is that of one coin per position, then a token from mu(z_t, t) at each revealed
   position; ancestral and mean are one sampler here (they differ for a state-dependent schedule).
+  A row's z does not change on a step that reveals none of its positions, so the row skips it:
+  call k of the batch runs each row's k-th revealing step, at that step's t, with that step's
+  token key (draws.draw_tokens: the tokens a step-by-step loop would draw from the same logits).
+  num_calls is the most revealing steps of any row (at most num_steps).
   """
   den = readout.as_split(denoise_fn)
   b, n = init.shape[0], math.prod(init.shape[1:])
-  grid = time_grid(opts.num_steps, opts.time_grid_kind)
+  num_steps = opts.num_steps
+  grid = time_grid(num_steps, opts.time_grid_kind)
+  step = reveal_steps(rng, init, schedule, vocab_size, opts)
+  # Each row's revealing steps in order: order[:, k] is its k-th, count its number.
+  revealing = jnp.zeros((b, num_steps + 1), bool).at[jnp.arange(b)[:, None], step].set(True)
+  order, count = readout.revealed_in_order(revealing[:, :num_steps], 1)
+  token_keys = jax.vmap(lambda j: jax.random.split(jax.random.fold_in(rng, j))[1])(
+      jnp.arange(num_steps))
 
   def read_out(positions, valid, carry):
-    z_flat, h, k_token = carry
+    z_flat, h, keys = carry
     logp = log_probs_at(den, h, positions, vocab_size, opts.top_p)
-    token = draw_tokens(k_token, logp, positions, n)
+    token = draw_tokens(keys, logp, positions, n)
     rows = jnp.arange(b)[:, None]
     z_flat = z_flat.at[rows, jnp.where(valid, positions, n)].set(token, mode="drop")
-    return z_flat, h, k_token
+    return z_flat, h, keys
 
-  def body(j, carry):
-    z, calls = carry
-    i = opts.num_steps - j
-    t, s = grid[i], grid[i - 1]
-    r = step_probs(opts.method, schedule, t, s)
-    reveal, k_token = _revealed(jax.random.fold_in(rng, j), z, r, vocab_size)
+  def body(k, z):
+    active = k < count
+    j = jnp.where(active, order[:, k], num_steps)  # num_steps: a finished row reveals nothing.
+    t = grid[num_steps - jnp.minimum(j, num_steps - 1)]  # A finished row's t is never read out.
+    reveal = (step == j[:, None]) & active[:, None]
+    keys = token_keys[jnp.minimum(j, num_steps - 1)]
+    h = den.features(z, t)
+    z_flat, _, _ = readout.for_revealed(reveal, read_out, (z.reshape(b, n), h, keys))
+    return z_flat.reshape(z.shape)
 
-    def call():
-      h = den.features(z, jnp.full((b,), t, jnp.float32))
-      z_flat, _, _ = readout.for_revealed(reveal, read_out, (z.reshape(b, n), h, k_token))
-      return z_flat.reshape(z.shape), calls + 1
-
-    return jax.lax.cond(jnp.any(reveal), call, lambda: (z, calls))
-
-  z, calls = jax.lax.fori_loop(0, opts.num_steps, body, (init, jnp.array(0, jnp.int32)))
-  return SampleResult(z, calls)
+  calls = count.max()
+  z = jax.lax.fori_loop(0, calls, body, init)
+  return SampleResult(z, calls.astype(jnp.int32))
 
 
 def sample(denoise_fn: DenoiseFn, rng: Array, init: Array, schedule: AnySchedule, vocab_size: int,
