@@ -15,8 +15,8 @@ are kept. A whole sampling run is one lax loop, so it compiles once.
 
 Reveal first: with a state-independent schedule, ancestral, euler, mean and first_hitting decide
 which masked positions a step reveals before they call the network (that choice does not depend on
-the network's output; see md4/samplers/grid.py), skip the call on a step that reveals nothing in
-any row, and read the network out only at the revealed positions (md4.readout: a denoiser split
+the network's output; see md4/samplers/grid.py), call the network for each row only on its steps
+that reveal something, and read it out only at the revealed positions (md4.readout: a denoiser split
 into body and output layer; a plain (z, t) -> logits callable works too, read out by gathering).
 Token draws keep probabilities down to about 1e-14 of the largest (md4/samplers/draws.py).
 """
@@ -40,7 +40,7 @@ REMASK_STRATEGIES = ("cap", "loop")
 # Methods that need one alpha(t) for every token, so not GenMD4's state-dependent schedule.
 STATE_INDEPENDENT_ONLY = ("first_hitting", "maskgit", "remdm")
 # Methods that, with a state-independent schedule, draw the positions a step reveals before the
-# network call, call it only on steps that reveal something and read it out only there.
+# network call, call it for a row only on its steps that reveal something and read it out there.
 REVEAL_FIRST = ("ancestral", "euler", "mean", "first_hitting")
 
 # method -> its sampler, called as (denoise_fn, rng, init, schedule, vocab_size, opts) -> SampleResult.
@@ -195,7 +195,7 @@ def sample(denoise_fn: DenoiseFn, rng: Array, init: Array, schedule: AnySchedule
     reuse_unchanged: skip the network call on a step whose input did not change since the last call.
       Valid only when denoise_fn ignores t (a time-free denoiser), and for maskgit, remdm and the
       grid samplers under a state-dependent schedule: the others (REVEAL_FIRST) call the network
-      only on steps that reveal something anyway.
+      for a row only on its steps that reveal something anyway.
     temperature: maskgit only (float >= 0; other methods raise unless it is 1.0).
     remask_eta: remdm only (float in [0, 1]; other methods raise unless it is 0).
     remask_strategy: "cap" or "loop" (read by remdm only).

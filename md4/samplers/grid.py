@@ -2,9 +2,9 @@
 grid and the loop that maskgit and remdm run on it too.
 
 Reveal first: with a state-independent schedule, whether a masked position is revealed on a step
-does not depend on the network's output, so these samplers draw the revealed positions first, skip
-the network call on a step that reveals nothing in any row, and read the network out only at the
-revealed positions (`_sample_reveal_first`).
+does not depend on the network's output, so these samplers draw every position's reveal step first,
+call the network for each row only on its steps that reveal something (a batch call serves each
+row's next such step), and read it out only at the revealed positions (`_sample_reveal_first`).
 """
 
 from __future__ import annotations
