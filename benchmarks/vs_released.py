@@ -26,6 +26,10 @@ Rows (--rows, comma-separated; default all):
                  against the released code at 1024 steps (it has no first-hitting sampler; with
                  md4s_1024 among the rows, that row's released measurement is reused).
 The compile time of the training step and each process's peak resident memory come with the rows.
+--malloc=heap runs both sides' processes with glibc's malloc told to keep large blocks on its heap
+(MALLOC_MMAP_MAX_=0, MALLOC_TRIM_THRESHOLD_ past any heap): by default XLA:CPU's buffers above
+32 MB come from fresh mmap pages on every call, and faulting them in is a sizeable part of a large
+forward pass (see BENCHMARKS.md).
 Both sides report their parameter count and XLA's FLOPs of what they time; the table shows them
 and a warning names any row where they differ.
 """
@@ -78,6 +82,8 @@ OUR_NETS = {
     "text8": ("md4/text8.py", {}),
     "md4s": ("md4/openwebtext.py", {}),
 }
+# Environment of both sides' processes under --malloc=heap (glibc's malloc tunables).
+HEAP_MALLOC = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**62)}
 STUBS = ("tensorflow", "tensorflow/compat", "tensorflow/compat/v2", "tensorflow_datasets",
          "tensorboard", "tensorboard/plugins", "tensorboard/plugins/hparams", "transformers",
          "datasets", "datasets/distributed")
@@ -292,7 +298,7 @@ def _run_worker(side: str, row: str, args, stubs: str) -> dict:
   command = [args.released_python if side == "released" else sys.executable, __file__,
              f"--worker={side}", f"--rows={row}", f"--md4s_batch={args.md4s_batch}",
              f"--timed={args.timed}"] + (["--log_grad_norm"] if args.log_grad_norm else [])
-  env = dict(os.environ)
+  env = dict(os.environ, **(HEAP_MALLOC if args.malloc == "heap" else {}))
   if side == "released":
     env["PYTHONPATH"] = os.pathsep.join([args.released, stubs])
   result = subprocess.run(command, env=env, capture_output=True, text=True,
@@ -361,6 +367,8 @@ def main():
   parser.add_argument("--md4s_batch", type=int, default=16, help="sequences of the MD4-S rows")
   parser.add_argument("--log_grad_norm", action="store_true",
                       help="this project's train step with train.log_grad_norm (what it costs)")
+  parser.add_argument("--malloc", choices=("default", "heap"), default="default",
+                      help="heap: both sides with glibc's malloc keeping large blocks on its heap")
   parser.add_argument("--worker", choices=("released", "ours"), help=argparse.SUPPRESS)
   args = parser.parse_args()
   rows = args.rows.split(",")
@@ -395,7 +403,8 @@ def main():
               "process", file=sys.stderr, flush=True)
   print(f"one CPU process per measurement, {args.repeats} rounds (A B A B), median of "
         f"{args.timed} timed runs in each; load average at the end: {os.getloadavg()[0]:.2f}"
-        + ("; here with train.log_grad_norm" if args.log_grad_norm else ""))
+        + ("; here with train.log_grad_norm" if args.log_grad_norm else "")
+        + ("; both with glibc malloc's large blocks on its heap" if args.malloc == "heap" else ""))
   print(_table(results, rows, args.md4s_batch))
 
 
