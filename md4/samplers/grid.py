@@ -111,22 +111,19 @@ def reveal_step(key: Array, z: Array, logp: Array, r: Array, mask_id: int) -> Ar
 def reveal_steps(rng: Array, init: Array, schedule: AnySchedule, mask_id: int,
                  opts: SamplerOptions) -> Array:
   """int32[B, N]: the step j on which each masked position of init: int32[B, *S] is revealed, the
-  first whose coin (u < r, from the step's unmasking key fold_in(rng, j) as in `_revealed`) comes
-  up; num_steps at the positions init keeps. The last step's r is 1, so every masked position
-  gets a step below num_steps."""
-  b, n = init.shape[0], math.prod(init.shape[1:])
+  first whose coin (`_revealed` with the step's key fold_in(rng, j)) comes up; num_steps at the
+  positions init keeps. The last step's r is 1, so every masked position gets a step below
+  num_steps."""
   grid = time_grid(opts.num_steps, opts.time_grid_kind)
 
   def body(j, step):
     i = opts.num_steps - j
     r = step_probs(opts.method, schedule, grid[i], grid[i - 1])
-    k_unmask, _ = jax.random.split(jax.random.fold_in(rng, j))
-    u = fine_uniform(k_unmask, init.shape)[0].reshape(b, n)
-    return jnp.where((step == opts.num_steps) & (u < r), j, step)
+    coin, _ = _revealed(jax.random.fold_in(rng, j), init, r, mask_id)  # False where init keeps.
+    return jnp.where((step == opts.num_steps) & coin, j, step)
 
-  unset = jnp.where(init.reshape(b, n) == mask_id, opts.num_steps, opts.num_steps + 1)
-  step = jax.lax.fori_loop(0, opts.num_steps, body, unset)
-  return jnp.minimum(step, opts.num_steps)
+  unset = jnp.full((init.shape[0], math.prod(init.shape[1:])), opts.num_steps, jnp.int32)
+  return jax.lax.fori_loop(0, opts.num_steps, body, unset)
 
 
 def _sample_reveal_first(denoise_fn, rng, init, schedule, vocab_size, opts):
@@ -168,12 +165,12 @@ def _sample_reveal_first(denoise_fn, rng, init, schedule, vocab_size, opts):
     return z_flat, h, keys
 
   def body(k, z):
-    active = k < count
-    j = jnp.where(active, order[:, k], num_steps)  # num_steps: a finished row reveals nothing.
-    t = grid[num_steps - jnp.minimum(j, num_steps - 1)]  # A finished row's t is never read out.
+    # A row with fewer revealing steps than k has order[:, k] = 0: a valid step it reveals nothing
+    # on (`active`), whose t and keys are never read out.
+    j, active = order[:, k], k < count
     reveal = (step == j[:, None]) & active[:, None]
-    keys = token_keys[jnp.minimum(j, num_steps - 1)]
-    h = den.features(z, t)
+    keys = token_keys[j]
+    h = den.features(z, grid[num_steps - j])
     z_flat, _, _ = readout.for_revealed(reveal, read_out, (z.reshape(b, n), h, keys))
     return z_flat.reshape(z.shape)
 
